@@ -1,0 +1,279 @@
+"""Config schema and composition.
+
+Every CLI verb and both Flower apps get their settings here: Hydra composes the YAML tree
+under ``configs/`` with the user's overrides, and the result is merged into the dataclass
+schema below, so an unknown key or a wrong type is an error at start that names the key,
+not a surprise at round 7. Values that need more than a type check are checked in
+``validate``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(os.environ.get("FEDMSK_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+
+
+class ConfigError(ValueError):
+    """A config value that fedmsk cannot run with; the message names the key and the fix."""
+
+
+@dataclass
+class ColumnSpec:
+    """One clinical column as the task declares it."""
+
+    name: str = MISSING
+    kind: str = "float"  # float | int | category
+    unit: str | None = None
+    min: float | None = None
+    max: float | None = None
+    # accepted spelling (matched case-insensitively, trimmed) -> numeric code
+    categories: dict[str, float] = field(default_factory=dict)
+    required: bool = True
+    # drop: leave the patient out; impute: training-split median; indicator: impute + a 0/1 column
+    missing: str = "drop"
+    feature: bool = True  # an input of the model (False: read, validated, reported, not learned from)
+
+
+@dataclass
+class SplitConfig:
+    val: float = 0.2
+    test: float = 0.2
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    modality: str = "xray2d"  # xray2d | ct3d
+    spatial_dims: int = 2
+    label_column: str = MISSING
+    classes: list[int] = field(default_factory=lambda: [0, 1])
+    class_names: list[str] = field(default_factory=list)
+    image_size: list[int] = field(default_factory=lambda: [64, 64])
+    spacing_mm: float | None = None
+    image_select: str = "first"  # first | all | series_description
+    series_description: str | None = None
+    min_usable: int = 20
+    split: SplitConfig = field(default_factory=SplitConfig)
+    augment: bool = True
+    columns: list[ColumnSpec] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mmcl"
+    width: int = 16
+    stages: int = 3
+    embed_dim: int = 64
+    proj_dim: int = 32
+    clinical_hidden: int = 32
+    dropout: float = 0.1
+    nonlocal_heads: int = 2
+    aux_loss: str = "none"
+    aux_weight: float = 0.0
+    temperature: float = 0.2
+    pretrained_path: str | None = None
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout_s: float = 3600.0
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = False
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"  # prv | rdp
+
+
+@dataclass
+class FederationConfig:
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adam"
+    client_cpus: int = 1
+    client_gpus: float = 0.0
+    torch_threads: int = 1
+
+
+@dataclass
+class SiteConfig:
+    name: str | None = None
+    data_dir: str | None = None
+    device: str | None = None
+
+
+@dataclass
+class SynthConfig:
+    patients_per_site: list[int] = field(default_factory=lambda: [180, 140, 100])
+    prevalence: list[float] = field(default_factory=lambda: [0.3, 0.22, 0.38])
+    image_size: int = 128
+    missing_rate: list[float] = field(default_factory=lambda: [0.02, 0.1, 0.05])
+
+
+@dataclass
+class FedmskConfig:
+    seed: int = 0
+    num_sites: int = 3
+    rounds: int = 5
+    data_root: str = "data/synthetic"
+    run_dir: str | None = None
+    device: str = "auto"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "task.modality": ("xray2d", "ct3d"),
+    "task.image_select": ("first", "all", "series_description"),
+    "privacy.accountant": ("prv", "rdp"),
+    "federation.optimizer": ("adam", "sgd"),
+}
+_COLUMN_KINDS = ("float", "int", "category")
+_MISSING_POLICIES = ("drop", "impute", "indicator")
+
+
+def _schema_merge(raw: Any, origin: str) -> FedmskConfig:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(FedmskConfig), raw)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:  # unknown key, wrong type, missing value
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(
+            f"{origin}: invalid config key '{key}': {exc.msg if hasattr(exc, 'msg') else exc}. "
+            f"Check the spelling against configs/ (see `fedmsk simulate --help`)."
+        ) from None
+    assert isinstance(cfg, FedmskConfig)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: FedmskConfig) -> None:
+    """Check values whose type is right but whose meaning is not; raise ConfigError."""
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"config '{key}' is '{value}'; allowed: {', '.join(allowed)}")
+    from shared.models import MODELS  # registry import kept local: config is imported everywhere
+    from shared.losses import AUX_LOSSES
+
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"config 'model.name' is '{cfg.model.name}'; registered models: {', '.join(sorted(MODELS))}")
+    if cfg.model.aux_loss not in AUX_LOSSES:
+        raise ConfigError(
+            f"config 'model.aux_loss' is '{cfg.model.aux_loss}'; available: {', '.join(sorted(AUX_LOSSES))}"
+        )
+    from server.strategy import STRATEGIES
+
+    if cfg.strategy.name not in STRATEGIES:
+        raise ConfigError(f"config 'strategy.name' is '{cfg.strategy.name}'; available: {', '.join(sorted(STRATEGIES))}")
+    if cfg.num_sites < 1 or cfg.rounds < 1:
+        raise ConfigError("config 'num_sites' and 'rounds' must be at least 1")
+    if not 0 < cfg.task.split.val + cfg.task.split.test < 1:
+        raise ConfigError("config 'task.split': val + test must be between 0 and 1 (the rest trains)")
+    if len(cfg.task.classes) < 2:
+        raise ConfigError("config 'task.classes' needs at least two classes")
+    if len(cfg.task.image_size) != cfg.task.spatial_dims:
+        raise ConfigError(
+            f"config 'task.image_size' has {len(cfg.task.image_size)} values but task.spatial_dims is {cfg.task.spatial_dims}"
+        )
+    names = [c.name for c in cfg.task.columns]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config 'task.columns' declares a column twice: {names}")
+    for col in cfg.task.columns:
+        where = f"config 'task.columns' entry '{col.name}'"
+        if col.kind not in _COLUMN_KINDS:
+            raise ConfigError(f"{where}: kind '{col.kind}' not one of {_COLUMN_KINDS}")
+        if col.missing not in _MISSING_POLICIES:
+            raise ConfigError(f"{where}: missing '{col.missing}' not one of {_MISSING_POLICIES}")
+        if col.kind == "category" and not col.categories:
+            raise ConfigError(f"{where}: a category column needs 'categories' (spelling -> code)")
+        if col.min is not None and col.max is not None and col.min > col.max:
+            raise ConfigError(f"{where}: min {col.min} is above max {col.max}")
+    s = cfg.strategy
+    for name in ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"config 'strategy.{name}' must be at least 1")
+    if not (0 < s.fraction_train <= 1 and 0 <= s.fraction_evaluate <= 1):
+        raise ConfigError("config 'strategy.fraction_train' must be in (0, 1] and fraction_evaluate in [0, 1]")
+    f = cfg.federation
+    if f.local_epochs < 1 or f.batch_size < 1 or f.lr <= 0:
+        raise ConfigError("config 'federation': local_epochs and batch_size must be >= 1 and lr > 0")
+    p = cfg.privacy
+    if p.enabled and (p.target_epsilon <= 0 or not 0 < p.delta < 1 or p.max_grad_norm <= 0):
+        raise ConfigError("config 'privacy': target_epsilon and max_grad_norm must be > 0 and delta in (0, 1)")
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: Path | None = None) -> FedmskConfig:
+    """Compose configs/config.yaml with Hydra overrides and validate the result."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    cdir = Path(config_dir or CONFIG_DIR).resolve()
+    if not (cdir / "config.yaml").is_file():
+        raise ConfigError(f"no config.yaml in {cdir}; set FEDMSK_CONFIG_DIR to the fedmsk configs/ folder")
+    try:
+        with initialize_config_dir(config_dir=str(cdir), version_base=None):
+            raw = hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"config overrides {list(overrides)}: {exc}") from None
+    return _schema_merge(raw, origin=f"{cdir}/config.yaml with overrides {list(overrides)}")
+
+
+def to_yaml(cfg: FedmskConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str, origin: str = "config") -> FedmskConfig:
+    return _schema_merge(OmegaConf.create(text), origin=origin)
+
+
+def load_site_file(path: str | Path) -> SiteConfig:
+    """Read a hospital's own site config (a YAML file the operator owns)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"site config {p} does not exist; pass the YAML file your coordinator's bundle contains")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SiteConfig), OmegaConf.load(p))
+        site = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"site config {p}: {exc}") from None
+    assert isinstance(site, SiteConfig)
+    return site
+
+
+def resolve_device(requested: str | None) -> str:
+    """'auto' picks cuda when a GPU is present; an explicit cuda request without a GPU is an error."""
+    import torch
+
+    req = (requested or "auto").lower()
+    if req == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if req.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{requested}' asked for but no CUDA GPU is visible; use device=cpu or device=auto")
+    if req != "cpu" and not req.startswith("cuda"):
+        raise ConfigError(f"device '{requested}' is not cpu, cuda, cuda:N or auto")
+    return req
