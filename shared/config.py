@@ -90,6 +90,7 @@ class StrategyConfig:
     min_evaluate_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout_s: float = 3600.0
+    max_update_norm: float = 1000.0  # an update moving the model further is left out of the round
 
 
 @dataclass

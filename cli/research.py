@@ -1,0 +1,34 @@
+"""Researcher verbs: run a whole federation on one machine, or the pooled baseline."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from cli.main import Verb
+from shared.config import compose
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. num_sites=5 rounds=10 model=image_only")
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from simulation.runner import simulate
+
+    simulate(compose(args.overrides), Console())
+    return 0
+
+
+def _central(args: argparse.Namespace) -> int:
+    from simulation.central import central
+
+    central(compose(args.overrides), Console())
+    return 0
+
+
+VERBS = [
+    Verb("simulate", "run a federation of every site folder under data_root with Flower's simulation engine", _overrides, _simulate),
+    Verb("central", "pooled baseline: train the same model on all sites' training data together", _overrides, _central),
+]

@@ -1,0 +1,109 @@
+"""The hospital's Flower ClientApp (Message API).
+
+``run_train`` / ``run_evaluate`` hold the site's work and take plain Python values, so the
+Message-API app below and the legacy SecAgg+ client call the same code. Each call reads the
+run config the server sent, lets the site's own settings win (client.site), loads the site's
+data once per process, trains or evaluates, and replies with weights and whitelisted scalar
+metrics only (shared.messages).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client.site import SiteIdentity, resolve_site
+from client.trainer import build_screener, evaluate, make_loader, train_local
+from shared.config import FedmskConfig, from_yaml
+from shared.messages import (
+    ARRAYS,
+    CONFIG,
+    EVAL_METRIC_KEYS,
+    JOB_KEY,
+    RUN_ID_KEY,
+    SPLIT_KEY,
+    TRAIN_METRIC_KEYS,
+    record_to_state,
+    site_reply,
+)
+
+log = logging.getLogger("fedmsk.client")
+app = ClientApp()
+
+
+@lru_cache(maxsize=4)
+def _job(job_yaml: str) -> FedmskConfig:
+    return from_yaml(job_yaml, origin="run config sent by the server")
+
+
+@lru_cache(maxsize=4)
+def _site_datasets(data_dir: str, task_yaml: str, seed: int):
+    """Decode and split the site's data once per process (Flower reuses it across rounds)."""
+    from shared.sitedata import load_site, make_datasets
+
+    cfg = _job(task_yaml)
+    site = load_site(data_dir, cfg.task)
+    if site.issues:
+        log.info("site %s: %d records left out (run `fedmsk check` for the list)", data_dir, len(site.issues))
+    return make_datasets(site, cfg.task, seed)
+
+
+def _prepare(node_config: dict[str, Any], job_yaml: str, weights: dict[str, torch.Tensor]):
+    cfg = _job(job_yaml)
+    site = resolve_site(node_config, cfg)
+    torch.set_num_threads(max(1, cfg.federation.torch_threads))
+    datasets = _site_datasets(str(site.data_dir), job_yaml, cfg.seed)
+    screener = build_screener(cfg)
+    screener.load_state_dict(weights)
+    return cfg, site, datasets, screener
+
+
+def run_train(
+    node_config: dict[str, Any], job_yaml: str, weights: dict[str, torch.Tensor], server_round: int, run_id: str = ""
+) -> tuple[SiteIdentity, dict[str, torch.Tensor], dict[str, float]]:
+    """One round of local training at this site: returns (site, new weights, metrics)."""
+    cfg, site, datasets, screener = _prepare(node_config, job_yaml, weights)
+    loader = make_loader(
+        datasets["train"], cfg.federation.batch_size, shuffle=True, seed=cfg.seed * 1000 + server_round
+    )
+    result = train_local(screener, loader, cfg.federation, site.device)
+    metrics = result.metrics() | {"dp": 0.0, "epsilon": 0.0, "delta": 0.0}
+    state = {k: v.detach().cpu() for k, v in screener.state_dict().items()}
+    return site, state, metrics
+
+
+def run_evaluate(
+    node_config: dict[str, Any], job_yaml: str, weights: dict[str, torch.Tensor], split: str
+) -> tuple[SiteIdentity, dict[str, float]]:
+    """Evaluate the given weights on this site's ``split`` (val or test)."""
+    cfg, site, datasets, screener = _prepare(node_config, job_yaml, weights)
+    if split not in datasets:
+        raise ValueError(f"unknown split '{split}' asked by the server; expected one of {sorted(datasets)}")
+    loader = make_loader(datasets[split], cfg.federation.batch_size, shuffle=False, seed=cfg.seed)
+    return site, evaluate(screener, loader, site.device)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content[CONFIG]
+    weights = record_to_state(msg.content[ARRAYS])
+    site, state, metrics = run_train(
+        dict(context.node_config), str(config[JOB_KEY]), weights, int(config["server-round"]), str(config.get(RUN_ID_KEY, ""))
+    )
+    content = site_reply(
+        site_name=site.name, metrics=metrics, allowed=TRAIN_METRIC_KEYS, state=state, expected_keys=set(weights)
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_fn(msg: Message, context: Context) -> Message:
+    config = msg.content[CONFIG]
+    weights = record_to_state(msg.content[ARRAYS])
+    site, metrics = run_evaluate(dict(context.node_config), str(config[JOB_KEY]), weights, str(config.get(SPLIT_KEY, "val")))
+    return Message(content=site_reply(site_name=site.name, metrics=metrics, allowed=EVAL_METRIC_KEYS), reply_to=msg)

@@ -1,0 +1,146 @@
+"""Local training and evaluation at one site: the one loop both the federation and the
+pooled baseline run.
+
+``train_local`` is the single entry point for a site's training pass (in the spirit of
+Opacus' ``make_private``: one call, the privacy engine plugs in through ``privacy``), so the
+ClientApp, the SecAgg+ client and ``fedmsk central`` never write the loop again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from shared.config import FederationConfig
+from shared.losses import build_criterion
+from shared.metrics import classification_metrics
+from shared.models import build_model
+
+
+class Screener(nn.Module):
+    """The network and its training criterion as one module.
+
+    The criterion can own learnable parameters (e.g. class prototypes of a per-sample
+    contrastive loss); keeping both in one module means one state_dict travels, is averaged
+    and checkpointed, and nothing learnable is left at a site by accident.
+    """
+
+    def __init__(self, net: nn.Module, criterion: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.criterion = criterion
+
+    def forward(self, image: torch.Tensor, clinical: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(image, clinical)
+
+
+def build_screener(cfg) -> Screener:
+    """Build the task's model + criterion from config (same call on server and sites)."""
+    return Screener(build_model(cfg), build_criterion(cfg))
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)
+
+
+def make_optimizer(params, fed: FederationConfig) -> torch.optim.Optimizer:
+    if fed.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=fed.lr, momentum=0.9, weight_decay=fed.weight_decay)
+    return torch.optim.Adam(params, lr=fed.lr, weight_decay=fed.weight_decay)
+
+
+def _to(batch: dict, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return batch["image"].to(device), batch["clinical"].to(device), batch["label"].to(device)
+
+
+@dataclass
+class TrainResult:
+    num_examples: int
+    steps: int
+    train_loss: float
+    train_acc: float
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "num-examples": self.num_examples,
+            "steps": self.steps,
+            "train_loss": self.train_loss,
+            "train_acc": self.train_acc,
+        }
+
+
+def train_local(
+    screener: Screener,
+    loader: DataLoader,
+    fed: FederationConfig,
+    device: str,
+    *,
+    epochs: int | None = None,
+    privacy=None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train ``screener`` in place for ``epochs`` (default: fed.local_epochs) passes.
+
+    ``privacy``: an object with ``make_private(module, optimizer, loader) ->
+    (module, optimizer, loader)`` (client.privacy), or None for plain training.
+    """
+    screener.to(device).train()
+    optimizer = make_optimizer([p for p in screener.parameters() if p.requires_grad], fed)
+    module: nn.Module = screener
+    if privacy is not None:
+        module, optimizer, loader = privacy.make_private(screener, optimizer, loader)
+    total_loss, total_correct, total_seen, steps = 0.0, 0, 0, 0
+    for _ in range(epochs or fed.local_epochs):
+        for batch in loader:
+            image, clinical, label = _to(batch, device)
+            if label.numel() == 0:  # Poisson sampling can draw an empty batch
+                continue
+            outputs = module(image, clinical)
+            loss, _parts = screener.criterion(outputs, label)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            n = label.shape[0]
+            total_loss += float(loss.detach()) * n
+            total_correct += int((outputs["logits"].detach().argmax(1) == label).sum())
+            total_seen += n
+            if on_step is not None:
+                on_step(steps, float(loss.detach()))
+    if privacy is not None and hasattr(privacy, "detach"):
+        privacy.detach(module)
+    seen = max(total_seen, 1)
+    return TrainResult(len(loader.dataset), steps, total_loss / seen, total_correct / seen)
+
+
+@torch.no_grad()
+def predict(screener: Screener, loader: DataLoader, device: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """Labels, class probabilities [N, C] and the mean loss over a loader (eval mode)."""
+    screener.to(device).eval()
+    labels, probs, loss_sum, seen = [], [], 0.0, 0
+    for batch in loader:
+        image, clinical, label = _to(batch, device)
+        outputs = screener(image, clinical)
+        loss, _ = screener.criterion(outputs, label)
+        loss_sum += float(loss) * label.shape[0]
+        seen += label.shape[0]
+        labels.append(label.cpu().numpy())
+        probs.append(torch.softmax(outputs["logits"].float(), dim=1).cpu().numpy())
+    if not labels:
+        return np.zeros(0, dtype=int), np.zeros((0, 2)), float("nan")
+    return np.concatenate(labels), np.concatenate(probs), loss_sum / max(seen, 1)
+
+
+def evaluate(screener: Screener, loader: DataLoader, device: str) -> dict[str, float]:
+    """Loss, the six screening metrics and confusion counts over a loader."""
+    labels, probs, loss = predict(screener, loader, device)
+    out = classification_metrics(labels, probs) if labels.size else {}
+    out["loss"] = loss
+    out["num-examples"] = int(labels.size)
+    return out

@@ -1,0 +1,40 @@
+"""The coordinator's Flower ServerApp (Message API).
+
+In deployment (`flwr run`, `fedmsk launch`) the Hydra overrides arrive in the run config key
+``overrides``; in simulation the runner builds the app with an already composed config.
+Both call the same ``run_federation``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.federation import run_federation
+from shared.config import FedmskConfig, compose
+
+
+def default_run_dir(cfg: FedmskConfig, verb: str) -> Path:
+    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"{verb}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def make_server_app(cfg: FedmskConfig | None = None, run_dir: Path | None = None, on_progress=None, on_finish=None) -> ServerApp:
+    """A ServerApp for ``cfg`` (simulation) or for the run config's overrides (deployment)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg or compose(shlex.split(str(context.run_config.get("overrides", ""))))
+        folder = run_dir or default_run_dir(run_cfg, "federation")
+        arrays, recorder = run_federation(grid, run_cfg, folder, on_progress)
+        extra = on_finish(arrays, recorder) if on_finish else None
+        recorder.finish(arrays, extra)
+
+    return server_app
+
+
+app = make_server_app()

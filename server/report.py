@@ -1,0 +1,190 @@
+"""The run folder: per-round metrics, checkpoints, final model, model card, summary, plots.
+
+Everything a coordinator reads after a run is written here, by the server, from what the
+sites sent (weights and whitelisted scalars). Files are written atomically (temp file +
+rename) so a crash mid-write never leaves a half checkpoint or a torn summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from shared.config import FedmskConfig, to_yaml
+from shared.metrics import METRIC_NAMES
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_state(path: Path, arrays: ArrayRecord) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(arrays.to_torch_state_dict(), buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+@dataclass
+class RunRecorder:
+    """Collects a run's metrics as they arrive and writes the run folder."""
+
+    run_dir: Path
+    cfg: FedmskConfig
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
+        self._metrics_path = self.run_dir / "metrics.jsonl"
+
+    def metrics(self, round_: int, phase: str, site: str, values: dict[str, float], split: str = "") -> None:
+        row = {"round": round_, "phase": phase, "split": split, "site": site, "time": round(time.time(), 3)}
+        row.update({k: _clean(float(v)) for k, v in values.items()})
+        self.rows.append(row)
+        with self._metrics_path.open("a") as fh:  # append-only log, one JSON object a line
+            fh.write(json.dumps(row) + "\n")
+
+    def event(self, round_: int, site: str, kind: str, reason: str) -> None:
+        ev = {"round": round_, "site": site, "event": kind, "reason": reason}
+        self.events.append(ev)
+        with (self.run_dir / "events.jsonl").open("a") as fh:
+            fh.write(json.dumps(ev) + "\n")
+
+    def checkpoint(self, round_: int, arrays: ArrayRecord) -> Path:
+        path = self.run_dir / "checkpoints" / f"round_{round_:04d}.pt"
+        save_state(path, arrays)
+        atomic_write_text(self.run_dir / "checkpoints" / "latest.json", json.dumps({"round": round_, "path": path.name}))
+        return path
+
+    def select(self, *, phase: str, split: str = "", site: str | None = None) -> list[dict[str, Any]]:
+        return [
+            r for r in self.rows if r["phase"] == phase and r["split"] == split and (site is None or r["site"] == site)
+        ]
+
+    def finish(self, arrays: ArrayRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Final model, model card, summary (JSON + Markdown) and the AUC-per-round plot."""
+        save_state(self.run_dir / "final_model.pt", arrays)
+        test_rows = self.select(phase="evaluate", split="test")
+        train_rows = self.select(phase="train")
+        sites = sorted({r["site"] for r in test_rows + train_rows if r["site"] != "global"})
+        per_site = {}
+        for s in sites:
+            test = next((r for r in reversed(test_rows) if r["site"] == s), {})
+            trains = [r for r in train_rows if r["site"] == s]
+            per_site[s] = {
+                "train_examples": trains[-1]["num-examples"] if trains else None,
+                "test_examples": test.get("num-examples"),
+                "epsilon": max((r.get("epsilon") or 0.0 for r in trains), default=None) if trains and trains[-1].get("dp") else None,
+                "rounds_trained": len(trains),
+                **{m: test.get(m) for m in METRIC_NAMES},
+            }
+        pooled = next((r for r in reversed(test_rows) if r["site"] == "global"), {})
+        val_auc = [(r["round"], r.get("auc")) for r in self.select(phase="evaluate", split="val", site="global")]
+        summary = {
+            "run_dir": str(self.run_dir),
+            "task": self.cfg.task.name,
+            "model": self.cfg.model.name,
+            "strategy": self.cfg.strategy.name,
+            "rounds": self.cfg.rounds,
+            "privacy": {"enabled": self.cfg.privacy.enabled},
+            "val_auc_by_round": val_auc,
+            "test_global": {m: pooled.get(m) for m in METRIC_NAMES},
+            "test_per_site": per_site,
+            "events": self.events,
+        }
+        summary.update(extra or {})
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        card = {
+            "model": self.cfg.model.name,
+            "task": self.cfg.task.name,
+            "weights": "final_model.pt",
+            "sites": {s: {k: per_site[s][k] for k in ("train_examples", "test_examples", "epsilon")} for s in sites},
+            "test_metrics_global": summary["test_global"],
+            "config": "config.yaml",
+        }
+        atomic_write_text(self.run_dir / "model_card.json", json.dumps(card, indent=2))
+        atomic_write_text(self.run_dir / "summary.md", render_summary(summary))
+        self.plot()
+        return summary
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for site in sorted({r["site"] for r in self.select(phase="evaluate", split="val")}):
+            rows = self.select(phase="evaluate", split="val", site=site)
+            ax.plot([r["round"] for r in rows], [r.get("auc") for r in rows], marker="o",
+                    label=site, linewidth=2.5 if site == "global" else 1)
+        ax.set_xlabel("round")
+        ax.set_ylabel("validation AUC")
+        ax.set_title(f"{self.cfg.model.name} on {self.cfg.task.name}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "auc_by_round.png", dpi=100)
+        plt.close(fig)
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def render_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        f"# fedmsk run: {summary['model']} on {summary['task']}",
+        "",
+        f"strategy {summary['strategy']}, {summary['rounds']} rounds, DP {'on' if summary['privacy']['enabled'] else 'off'}",
+        "",
+        "| site | " + " | ".join(m.upper() for m in METRIC_NAMES) + " | test n | epsilon |",
+        "|---" * (len(METRIC_NAMES) + 3) + "|",
+    ]
+    for site, row in summary["test_per_site"].items():
+        lines.append(f"| {site} | " + " | ".join(_fmt(row[m]) for m in METRIC_NAMES) + f" | {_fmt(row['test_examples'])} | {_fmt(row['epsilon'])} |")
+    g = summary["test_global"]
+    lines.append("| **all sites** | " + " | ".join(_fmt(g[m]) for m in METRIC_NAMES) + " | | |")
+    lines.append("")
+    lines.append("AUC over all sites is the example-weighted mean of site AUCs; the other metrics pool the sites' confusion counts.")
+    for key, label in (("oracle_auc", "oracle AUC (latent score, same test patients)"), ("pooled_test", "pooled test set, evaluated locally")):
+        if key in summary:
+            lines.append(f"- {label}: {summary[key] if not isinstance(summary[key], dict) else ', '.join(f'{k} {_fmt(v)}' for k, v in summary[key].items())}")
+    if summary["val_auc_by_round"]:
+        lines.append("- validation AUC by round: " + ", ".join(f"{r}: {_fmt(a)}" for r, a in summary["val_auc_by_round"]))
+    for ev in summary["events"]:
+        lines.append(f"- round {ev['round']} {ev['site']}: {ev['event']}: {ev['reason']}")
+    return "\n".join(lines) + "\n"

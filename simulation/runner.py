@@ -1,0 +1,80 @@
+"""`fedmsk simulate`: every site folder of a data root as one simulated hospital, through
+Flower's simulation engine, with the same ClientApp and ServerApp as a real deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from rich.console import Console
+
+from client.site import list_sites
+from server.app import default_run_dir, make_server_app
+from shared.config import ConfigError, FedmskConfig
+
+
+def backend_config(cfg: FedmskConfig) -> dict:
+    """Ray resources per simulated site: 1 CPU each lets two sites train at once on 2 cores
+    (Flower's default of 2 CPUs a site would run them one at a time)."""
+    return {
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
+        "init_args": {"logging_level": "error", "log_to_driver": False, "include_dashboard": False},
+    }
+
+
+def check_minimums(cfg: FedmskConfig, n_sites: int) -> None:
+    """Flower waits forever for more nodes than exist: refuse such a config at start."""
+    s = cfg.strategy
+    worst = max(s.min_available_nodes, s.min_train_nodes, s.min_evaluate_nodes)
+    if worst > n_sites:
+        raise ConfigError(
+            f"strategy minimums ask for {worst} sites but data_root '{cfg.data_root}' has {n_sites}; "
+            f"lower strategy.min_available_nodes/min_train_nodes/min_evaluate_nodes"
+        )
+
+
+def simulate(cfg: FedmskConfig, console: Console | None = None) -> dict:
+    """Run the federation in one process tree and return the run summary."""
+    from flwr.clientapp import ClientApp  # noqa: F401  (import order: flwr before ray warnings)
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from simulation.evaluation import load_federation, load_screener, pooled_test_metrics
+
+    console = console or Console()
+    sites = list_sites(cfg.data_root)
+    check_minimums(cfg, len(sites))
+    run_dir = default_run_dir(cfg, "simulate").resolve()
+    # Site processes resolve data_root themselves; make it absolute so Ray's workers agree.
+    cfg.data_root = str(Path(cfg.data_root).resolve())
+    console.print(
+        f"[bold]fedmsk simulate[/]: {len(sites)} sites ({', '.join(s.name for s in sites)}), "
+        f"model {cfg.model.name}, {cfg.rounds} rounds x {cfg.federation.local_epochs} local epochs -> {run_dir}"
+    )
+
+    def on_finish(arrays, recorder):
+        screener = load_screener(cfg, arrays.to_torch_state_dict())
+        return {"pooled_test": pooled_test_metrics(screener, cfg, load_federation(cfg, sites))}
+
+    server_app = make_server_app(cfg, run_dir, on_progress=lambda text: console.print("  " + text), on_finish=on_finish)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=len(sites),
+            backend_config=backend_config(cfg),
+        )
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise RuntimeError(f"the simulation ended without a summary in {run_dir}; see the log above")
+    import json
+
+    summary = json.loads(summary_path.read_text())
+    console.print((run_dir / "summary.md").read_text())
+    return summary
