@@ -1,0 +1,115 @@
+"""Site-local cache of DICOM headers and preprocessed images, keyed by file content.
+
+Decoding DICOM (often JPEG 2000 or JPEG-LS) and resampling dominate loading, and a federated
+run reloads a site's data every round. The cache lives inside the site folder
+(``<site>/.fedmsk-cache/``), so nothing leaves the hospital, and is keyed by
+
+- the file's content hash: a re-exported or edited file is decoded again, a renamed one is not;
+- ``preprocessing_key(task)`` for images: a different size or spacing gets its own folder, so a
+  config change never serves stale arrays (and switching back finds the old ones).
+
+Outcomes that are errors (not DICOM, truncated, ...) are cached too: they are a pure function of
+the content and config, and re-decoding a broken file every round only costs time.
+MONAI's PersistentDataset keys its files by the item dict (a path), not by content, and cannot
+keep a per-record failure, hence this small equivalent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.dicom import DicomError
+
+CACHE_DIRNAME = ".fedmsk-cache"
+
+
+def content_key(path: Path) -> str:
+    """Hash of the file's bytes (BLAKE2b, 128 bit)."""
+    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+
+
+def combined_key(parts: list[str]) -> str:
+    """One key for an outcome made of several files (a CT series), independent of their order."""
+    return hashlib.blake2b("\n".join(sorted(parts)).encode(), digest_size=16).hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], binary: bool) -> None:
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a cache entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class PreprocessCache:
+    """Content-keyed store for header facts and preprocessed arrays; ``root=None`` disables it."""
+
+    def __init__(self, root: Path | None, config: dict[str, Any]) -> None:
+        self.root = root
+        self.config_hash = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=8).hexdigest()
+        self.hits = 0
+        self.misses = 0
+        if root is not None:
+            cfg_file = root / self.config_hash / "config.json"
+            if not cfg_file.exists():
+                _atomic_write(cfg_file, lambda fh: json.dump(config, fh, indent=1), binary=False)
+
+    def _entry(self, kind: str, key: str, suffix: str) -> Path:
+        assert self.root is not None
+        return self.root / kind / key[:2] / f"{key}{suffix}"
+
+    def header(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Header facts of the file with content ``key``; DicomError (cached too) if unreadable."""
+        return self._cached_json("headers", key, compute)
+
+    def _cached_json(self, kind: str, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if self.root is None:
+            return compute()
+        path = self._entry(kind, key, ".json")
+        if path.exists():
+            self.hits += 1
+            stored = json.loads(path.read_text())
+        else:
+            self.misses += 1
+            try:
+                stored = {"ok": compute()}
+            except DicomError as exc:
+                stored = {"error": [exc.reason, exc.detail]}
+            _atomic_write(path, lambda fh: json.dump(stored, fh), binary=False)
+        if "error" in stored:
+            raise DicomError(*stored["error"])
+        return stored["ok"]
+
+    def array(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """Preprocessed array for content ``key`` under this config; DicomError (cached) on failure."""
+        if self.root is None:
+            return compute()
+        path = self._entry(self.config_hash, key, ".npy")
+        err = path.with_suffix(".err.json")
+        if path.exists():
+            self.hits += 1
+            return np.load(path)
+        if err.exists():
+            self.hits += 1
+            raise DicomError(*json.loads(err.read_text()))
+        self.misses += 1
+        try:
+            arr = compute()
+        except DicomError as exc:
+            _atomic_write(err, lambda fh: json.dump([exc.reason, exc.detail], fh), binary=False)
+            raise
+        _atomic_write(path, lambda fh: np.save(fh, arr), binary=True)
+        return arr

@@ -1,0 +1,266 @@
+"""One hospital's data as arrays: link clinical rows to images, decode, split, and build datasets.
+
+``load_site`` reads a site folder (clinical.csv + images/ + optional manifest.csv), links rows
+to images by the DICOM PatientID tag (or the manifest), picks the images the task asks for
+(``task.image_select``), decodes and preprocesses them through the site's content-keyed cache,
+and keeps only usable labelled patients. Everything else is a ``RecordIssue`` with file, reason
+and what to do; no record makes it crash. ``split_indices`` and ``make_datasets`` turn the arrays
+into train/val/test datasets whose clinical scaling is fitted on the training split only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import Dataset as MonaiDataset
+
+from shared.cache import CACHE_DIRNAME, PreprocessCache, content_key
+from shared.clinical import ClinicalScaler, read_table
+from shared.config import SplitConfig, TaskConfig
+from shared.dicom import DicomError, read_header, read_image
+from shared.records import RecordIssue, issue
+from shared.transforms import preprocess, preprocessing_key, train_augmentation
+
+__all__ = ["RecordIssue", "SiteData", "load_site", "split_indices", "make_datasets", "image_files"]
+
+# progress(stage, done, total): stage is "headers" (reading every file's tags) or "images" (decoding)
+Progress = Callable[[str, int, int], None]
+_SKIP_NAMES = {"DICOMDIR"}  # media directory index files: DICOM without an image, not records
+
+
+@dataclass
+class SiteData:
+    """A site's usable labelled records; one row per selected image (one per patient unless
+    ``task.image_select='all'``, where a patient's views share its patient_id)."""
+
+    name: str
+    root: Path
+    patient_ids: list[str]
+    images: np.ndarray  # float32 [N, 1, *image_size] in [0, 1]
+    clinical_raw: np.ndarray  # float32 [N, len(task.columns)], NaN = missing
+    labels: np.ndarray  # int64 [N]
+    issues: list[RecordIssue] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # per row: the image file(s) it came from
+    headers: dict[str, dict[str, Any]] = field(default_factory=dict)  # every readable file -> header facts
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every regular file under <site>/images (any folder structure, any or no extension)."""
+    folder = root / "images"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name not in _SKIP_NAMES)
+
+
+def read_manifest(root: Path) -> tuple[dict[Path, str], list[RecordIssue]]:
+    """manifest.csv (patient_id,path[,series_role]) -> {file: patient_id}; paths relative to the site."""
+    path = root / "manifest.csv"
+    if not path.is_file():
+        return {}, []
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")
+    delimiter = ";" if text.split("\n", 1)[0].count(";") > text.split("\n", 1)[0].count(",") else ","
+    rows = list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
+    fields = {f.strip().casefold() for f in (rows[0].keys() if rows else [])}
+    if not {"patient_id", "path"} <= fields:
+        return {}, [issue("manifest_unreadable", file=str(path), detail=f"header {sorted(fields)}")]
+    mapping: dict[Path, str] = {}
+    problems: list[RecordIssue] = []
+    for line, row in enumerate(rows, start=2):
+        row = {k.strip().casefold(): (v or "").strip() for k, v in row.items() if k}
+        file = (root / row["path"]).resolve()
+        if not file.is_file():
+            problems.append(issue("manifest_file_missing", row["patient_id"], f"{path}:{line}", f"{row['path']} does not exist"))
+            continue
+        mapping[file] = row["patient_id"]
+    return mapping, problems
+
+
+def _sort_key(meta: dict[str, Any], rel: str) -> tuple[int, int, str]:
+    return meta.get("series_number", 0), meta.get("instance_number", 0), rel
+
+
+class _Loader:
+    """The state of one load_site call (cache, issues, headers) so the steps stay small."""
+
+    def __init__(self, root: Path, task: TaskConfig, progress: Progress | None, use_cache: bool) -> None:
+        self.root, self.task, self.progress = root, task, progress
+        self.cache = PreprocessCache(root / CACHE_DIRNAME if use_cache else None, preprocessing_key(task))
+        self.issues: list[RecordIssue] = []
+        self.headers: dict[str, dict[str, Any]] = {}
+        self.keys: dict[str, str] = {}
+
+    def rel(self, path: Path) -> str:
+        try:
+            return str(path.resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return str(path)
+
+    def scan(self) -> dict[str, list[str]]:
+        """Read every file's header once; return patient_id -> [relative file] for readable images."""
+        manifest, problems = read_manifest(self.root)
+        self.issues.extend(problems)
+        files = sorted(set(image_files(self.root)) | set(manifest), key=lambda p: self.rel(p))
+        by_patient: dict[str, list[str]] = defaultdict(list)
+        for n, path in enumerate(files, start=1):
+            rel = self.rel(path)
+            try:
+                key = self.keys[rel] = content_key(path)
+                meta = self.cache.header(key, lambda: read_header(path))
+            except DicomError as exc:
+                self.issues.append(issue(exc.reason, file=rel, detail=exc.detail))
+                continue
+            finally:
+                if self.progress:
+                    self.progress("headers", n, len(files))
+            self.headers[rel] = meta
+            pid = manifest.get(path.resolve(), meta["patient_id"])
+            if not pid:
+                self.issues.append(issue("no_patient_id", file=rel, detail="PatientID (0010,0020) is empty"))
+                continue
+            by_patient[pid].append(rel)
+        return by_patient
+
+    def decode(self, rel: str) -> np.ndarray:
+        """One file -> preprocessed [1, *image_size] through the cache; DicomError on failure."""
+        path = self.root / rel
+
+        def compute() -> np.ndarray:
+            img = read_image(path)
+            pixels = img.pixels[0] if img.pixels.ndim == 3 else img.pixels  # multi-frame 2D: first frame
+            if self.task.spacing_mm is not None and img.spacing_mm is None:
+                raise DicomError("no_pixel_spacing", "no PixelSpacing/ImagerPixelSpacing, task.spacing_mm is set")
+            return preprocess(pixels, img.spacing_mm, self.task)
+
+        return self.cache.array(self.keys[rel], compute)
+
+    def select(self, pid: str, files: list[str]) -> list[tuple[np.ndarray, str]]:
+        """The images of one patient the task uses, decoded; failures and unused files are issues."""
+        task = self.task
+        ordered = sorted(files, key=lambda rel: _sort_key(self.headers[rel], rel))
+        if task.image_select == "series_description":
+            wanted = (task.series_description or "").casefold()
+            matching = [r for r in ordered if wanted and wanted in self.headers[r]["series_description"].casefold()]
+            for rel in ordered:
+                if rel not in matching:
+                    self.issues.append(issue("image_not_selected", pid, rel, f"series '{self.headers[rel]['series_description']}'", kept=True))
+            if not matching:
+                found = sorted({self.headers[r]["series_description"] for r in ordered})
+                self.issues.append(issue("no_matching_series", pid, ", ".join(ordered),
+                                         f"wanted '{task.series_description}', found {found}"))
+                return []
+            ordered = matching
+        chosen: list[tuple[np.ndarray, str]] = []
+        for rel in ordered:
+            if chosen and task.image_select != "all":
+                self.issues.append(issue("image_not_selected", pid, rel, f"image_select={task.image_select}", kept=True))
+                continue
+            try:
+                chosen.append((self.decode(rel), rel))
+            except DicomError as exc:
+                self.issues.append(issue(exc.reason, pid, rel, exc.detail))
+        return chosen
+
+
+def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None = None, use_cache: bool = True) -> SiteData:
+    """Read, validate, link and decode one site; unusable records become issues, never exceptions."""
+    root = Path(site_dir)
+    loader = _Loader(root, task, progress, use_cache)
+    table = read_table(root / "clinical.csv", task)
+    loader.issues.extend(table.issues)
+    by_patient = loader.scan()
+
+    reported = {i.patient_id for i in table.issues if i.patient_id}
+    for pid, files in sorted(by_patient.items()):
+        if pid not in table.rows and pid not in reported:
+            loader.issues.extend(issue("image_without_clinical_row", pid, rel, f"PatientID '{pid}' is not in clinical.csv")
+                                 for rel in files)
+
+    ids: list[str] = []
+    images: list[np.ndarray] = []
+    raw: list[np.ndarray] = []
+    labels: list[int] = []
+    sources: list[str] = []
+    rows = list(table.rows.values())
+    for n, row in enumerate(rows, start=1):
+        if progress:
+            progress("images", n, len(rows))
+        if row.label is None:
+            loader.issues.append(issue("unlabelled", row.patient_id, f"clinical.csv:{row.line}"))
+            continue
+        files = by_patient.get(row.patient_id)
+        if not files:
+            loader.issues.append(issue("patient_without_image", row.patient_id, f"clinical.csv:{row.line}",
+                                       f"no readable DICOM with PatientID '{row.patient_id}'"))
+            continue
+        for array, rel in loader.select(row.patient_id, files):
+            ids.append(row.patient_id)
+            images.append(array)
+            raw.append(row.values)
+            labels.append(row.label)
+            sources.append(rel)
+
+    size = tuple(task.image_size)
+    return SiteData(
+        name=root.name,
+        root=root,
+        patient_ids=ids,
+        images=np.stack(images).astype(np.float32) if images else np.zeros((0, 1, *size), np.float32),
+        clinical_raw=np.stack(raw).astype(np.float32) if raw else np.zeros((0, len(task.columns)), np.float32),
+        labels=np.asarray(labels, dtype=np.int64),
+        issues=loader.issues,
+        files=sources,
+        headers=loader.headers,
+    )
+
+
+def split_indices(labels: np.ndarray, split_cfg: SplitConfig, seed: int,
+                  groups: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Stratified, seeded train/val/test row indices.
+
+    Allocation is per class (round(n*val), round(n*test), the rest trains, at least one
+    training member per class), so tiny classes never break it. With ``groups`` (patient ids)
+    all rows of a patient land in the same split: several views of one patient never straddle
+    train and test. Groups are taken in order of first appearance, so with one row per patient
+    the result is the same with or without ``groups``: every caller gets the same test set.
+    """
+    labels = np.asarray(labels)
+    group_of = [str(g) for g in groups] if groups is not None else [str(i) for i in range(len(labels))]
+    group_label: dict[str, int] = {}
+    for g, y in zip(group_of, labels):
+        group_label.setdefault(g, int(y))
+    rng = np.random.default_rng(seed)
+    assigned: dict[str, str] = {}
+    for cls in sorted(set(group_label.values())):
+        members = [g for g, y in group_label.items() if y == cls]
+        n = len(members)
+        n_test = min(round(n * split_cfg.test), max(n - 1, 0))
+        n_val = min(round(n * split_cfg.val), max(n - 1 - n_test, 0))
+        for rank, i in enumerate(rng.permutation(n)):
+            assigned[members[i]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return {name: np.array([i for i, g in enumerate(group_of) if assigned[g] == name], dtype=np.int64)
+            for name in ("train", "val", "test")}
+
+
+def make_datasets(site: SiteData, task: TaskConfig, seed: int) -> dict[str, torch.utils.data.Dataset]:
+    """train/val/test datasets of {"image": [1,*size], "clinical": [n_clinical], "label": []}.
+
+    The clinical scaler sees only the training rows; the training set alone is augmented.
+    """
+    split = split_indices(site.labels, task.split, seed, groups=site.patient_ids)
+    scaler = ClinicalScaler(task).fit(site.clinical_raw[split["train"]])
+    features = torch.from_numpy(scaler.transform(site.clinical_raw))
+    out: dict[str, torch.utils.data.Dataset] = {}
+    for name, idx in split.items():
+        items = [{"image": torch.from_numpy(site.images[i]), "clinical": features[i],
+                  "label": torch.tensor(int(site.labels[i]), dtype=torch.long)} for i in idx]
+        transform = train_augmentation(task, seed) if name == "train" and task.augment else None
+        out[name] = MonaiDataset(items, transform=transform)
+    return out

@@ -1,0 +1,79 @@
+"""MONAI transforms from decoded pixels to model input, and the training augmentation.
+
+Two stages with different lifetimes: ``preprocess`` is deterministic (resample to the task's
+physical spacing, fit to ``task.image_size``) and its output is what the site's disk cache keeps;
+``train_augmentation`` is random and runs on every training epoch on top of the cached array.
+``preprocessing_key`` lists every setting the deterministic stage depends on, so a change of any
+of them invalidates cached images.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    RandAffined,
+    RandGaussianNoised,
+    Resize,
+    ResizeWithPadOrCrop,
+    ScaleIntensityRanged,
+)
+
+from shared.config import TaskConfig
+
+# bump when preprocess() changes behaviour: cached arrays from older code are then ignored
+PIPELINE_VERSION = 1
+
+
+def preprocessing_key(task: TaskConfig) -> dict[str, Any]:
+    """Everything that determines the output of ``preprocess`` (the cache key's config part)."""
+    return {
+        "version": PIPELINE_VERSION,
+        "modality": task.modality,
+        "image_size": list(task.image_size),
+        "spacing_mm": task.spacing_mm,
+    }
+
+
+def preprocess(pixels: np.ndarray, spacing_mm: tuple[float, ...] | None, task: TaskConfig) -> np.ndarray:
+    """[*spatial] gray in [0, 1] -> float32 [1, *task.image_size].
+
+    With ``task.spacing_mm`` set, the image is first resampled so that one pixel is
+    ``spacing_mm`` wide, then centre-cropped/zero-padded to the input size, so a millimetre is
+    the same number of pixels at every site. Without it the image is resized to the input size.
+    """
+    size = tuple(int(s) for s in task.image_size)
+    if pixels.ndim != len(size):
+        raise ValueError(f"image has {pixels.ndim} spatial dims, task.image_size {list(size)} has {len(size)}")
+    mode = "bilinear" if len(size) == 2 else "trilinear"
+    img = torch.as_tensor(np.ascontiguousarray(pixels, dtype=np.float32))[None]
+    if task.spacing_mm is not None:
+        if spacing_mm is None:
+            raise ValueError("task.spacing_mm is set but the image has no pixel spacing")
+        physical = tuple(max(1, round(n * s / task.spacing_mm)) for n, s in zip(pixels.shape, spacing_mm))
+        img = Resize(physical, mode=mode, anti_aliasing=True)(img)
+        img = ResizeWithPadOrCrop(size, mode="constant")(img)
+    else:
+        img = Resize(size, mode=mode, anti_aliasing=True)(img)
+    return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+
+
+def train_augmentation(task: TaskConfig, seed: int) -> Compose:
+    """Light, label-preserving augmentation: small affine jitter and noise, clipped back to [0, 1]."""
+    dims = task.spatial_dims
+    transform = Compose([
+        RandAffined(
+            keys="image", prob=0.7, rotate_range=(0.1,) * (1 if dims == 2 else 3),
+            translate_range=tuple(0.05 * s for s in task.image_size), scale_range=(0.08,) * dims,
+            mode="bilinear", padding_mode="zeros",
+        ),
+        RandGaussianNoised(keys="image", prob=0.3, std=0.02),
+        ScaleIntensityRanged(keys="image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+        EnsureTyped(keys="image", track_meta=False, dtype=torch.float32),
+    ])
+    transform.set_random_state(seed=seed)
+    return transform
