@@ -50,7 +50,13 @@ def _site_datasets(data_dir: str, task_yaml: str, seed: int):
     site = load_site(data_dir, cfg.task)
     if site.issues:
         log.info("site %s: %d records left out (run `fedmsk check` for the list)", data_dir, len(site.issues))
-    return make_datasets(site, cfg.task, seed)
+    datasets = make_datasets(site, cfg.task, seed)
+    if len(datasets["train"]) == 0:
+        raise RuntimeError(
+            f"site data {data_dir}: no usable labelled patient ({len(site.issues)} records left out); "
+            f"run `fedmsk check {data_dir}` to see why"
+        )
+    return datasets
 
 
 def _prepare(node_config: dict[str, Any], job_yaml: str, weights: dict[str, torch.Tensor]):

@@ -104,15 +104,23 @@ class Federation:
         self.on_progress(f"round {rnd}: {split} AUC over sites {pooled.get('auc', float('nan')):.3f}")
         return pooled
 
-    def run(self) -> tuple[ArrayRecord, dict]:
-        arrays = ArrayRecord(build_screener(self.cfg).state_dict())
-        self.evaluate_round(0, arrays, "val")
-        for rnd in range(1, self.cfg.rounds + 1):
+    def run(self) -> ArrayRecord:
+        start = 1
+        resumed = self.recorder.latest_checkpoint() if self.cfg.resume else None
+        if resumed is not None:
+            done, arrays = resumed
+            start = done + 1
+            self.recorder.event(done, "global", "resumed", f"continuing from the checkpoint of round {done}")
+            self.on_progress(f"resuming after round {done}")
+        else:
+            arrays = ArrayRecord(build_screener(self.cfg).state_dict())
+            self.evaluate_round(0, arrays, "val")
+        for rnd in range(start, self.cfg.rounds + 1):
             arrays = self.train_round(rnd, arrays)
             self.recorder.checkpoint(rnd, arrays)
             self.evaluate_round(rnd, arrays, "val")
         self.evaluate_round(self.cfg.rounds, arrays, "test")
-        return arrays, {}
+        return arrays
 
 
 def run_federation(grid: Grid, cfg: FedmskConfig, run_dir: Path, on_progress=None) -> tuple[ArrayRecord, RunRecorder]:
@@ -121,5 +129,4 @@ def run_federation(grid: Grid, cfg: FedmskConfig, run_dir: Path, on_progress=Non
 
     torch.manual_seed(cfg.seed)
     fed = Federation(grid, cfg, run_dir, on_progress)
-    arrays, _ = fed.run()
-    return arrays, fed.recorder
+    return fed.run(), fed.recorder

@@ -69,6 +69,20 @@ class RunRecorder:
         (self.run_dir / "checkpoints").mkdir(exist_ok=True)
         atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
         self._metrics_path = self.run_dir / "metrics.jsonl"
+        if self.cfg.resume:  # keep what the interrupted run recorded
+            for name, into in (("metrics.jsonl", self.rows), ("events.jsonl", self.events)):
+                path = self.run_dir / name
+                if path.is_file():
+                    into.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+
+    def latest_checkpoint(self) -> tuple[int, ArrayRecord] | None:
+        """The last round checkpointed in this run folder, for resuming after a crash."""
+        marker = self.run_dir / "checkpoints" / "latest.json"
+        if not marker.is_file():
+            return None
+        info = json.loads(marker.read_text())
+        state = torch.load(self.run_dir / "checkpoints" / info["path"], map_location="cpu", weights_only=True)
+        return int(info["round"]), ArrayRecord(state)
 
     def metrics(self, round_: int, phase: str, site: str, values: dict[str, float], split: str = "") -> None:
         row = {"round": round_, "phase": phase, "split": split, "site": site, "time": round(time.time(), 3)}

@@ -136,6 +136,7 @@ class FedmskConfig:
     rounds: int = 5
     data_root: str = "data/synthetic"
     run_dir: str | None = None
+    resume: bool = False  # continue run_dir from its latest checkpoint (after a server crash)
     device: str = "auto"
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
