@@ -145,7 +145,7 @@ def read_header(path: str | Path) -> dict[str, Any]:
     return header_meta(read_dataset(path, header_only=True))
 
 
-def _stored_pixels(ds: Dataset, path: Path) -> np.ndarray:
+def stored_pixels(ds: Dataset, path: Path) -> np.ndarray:
     """Stored values as pydicom decodes them (colour already in RGB), with intake's reasons."""
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DicomError("no_pixel_data", f"no (7FE0,0010) Pixel Data (SOP class {ds.get('SOPClassUID', '?')})", path)
@@ -241,7 +241,7 @@ def read_image(path: str | Path) -> DecodedImage:
     """Decode a DICOM file to gray float32 pixels in [0, 1]; raises DicomError with a reason."""
     p = Path(path)
     ds = read_dataset(p)
-    stored = _stored_pixels(ds, p)
+    stored = stored_pixels(ds, p)
     values, voi = to_display(stored, ds)
     pixels = scale_unit(values, voi, monochrome1=str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1")
     if not np.isfinite(pixels).all():

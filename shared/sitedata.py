@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from monai.data import Dataset as MonaiDataset
 
-from shared.cache import CACHE_DIRNAME, PreprocessCache, content_key
+from shared.cache import CACHE_DIRNAME, PreprocessCache, combined_key, content_key
 from shared.clinical import ClinicalScaler, read_table
 from shared.config import SplitConfig, TaskConfig
 from shared.dicom import DicomError, read_header, read_image
 from shared.records import RecordIssue, issue
+from shared.series import group_by_series, order_slices, read_volume
 from shared.transforms import preprocess, preprocessing_key, train_augmentation
 
 __all__ = ["RecordIssue", "SiteData", "load_site", "split_indices", "make_datasets", "image_files"]
@@ -83,8 +84,14 @@ def read_manifest(root: Path) -> tuple[dict[Path, str], list[RecordIssue]]:
     return mapping, problems
 
 
-def _sort_key(meta: dict[str, Any], rel: str) -> tuple[int, int, str]:
-    return meta.get("series_number", 0), meta.get("instance_number", 0), rel
+@dataclass(frozen=True)
+class _Unit:
+    """What one model input is made of: one file (2D task) or one CT series (3D task)."""
+
+    name: str  # the file, or the series folder + UID, as the report shows it
+    files: tuple[str, ...]
+    description: str  # SeriesDescription, for image_select=series_description
+    order: tuple[int, int, str]  # SeriesNumber, InstanceNumber, name: a stable "first"
 
 
 class _Loader:
@@ -128,44 +135,67 @@ class _Loader:
             by_patient[pid].append(rel)
         return by_patient
 
-    def decode(self, rel: str) -> np.ndarray:
-        """One file -> preprocessed [1, *image_size] through the cache; DicomError on failure."""
-        path = self.root / rel
+    def units(self, files: list[str]) -> list[_Unit]:
+        """A patient's files as candidate inputs, in a stable order."""
+        if self.task.spatial_dims == 2:
+            units = [_Unit(rel, (rel,), self.headers[rel]["series_description"],
+                           (self.headers[rel]["series_number"], self.headers[rel]["instance_number"], rel)) for rel in files]
+        else:
+            units = []
+            for uid, members in group_by_series(self.headers, files).items():
+                first = self.headers[members[0]]
+                folder = str(Path(min(members)).parent)
+                name = f"{folder}/ (series {uid}, {len(members)} files)"
+                units.append(_Unit(name, tuple(sorted(members)), first["series_description"], (first["series_number"], 0, name)))
+        return sorted(units, key=lambda u: u.order)
 
-        def compute() -> np.ndarray:
-            img = read_image(path)
-            pixels = img.pixels[0] if img.pixels.ndim == 3 else img.pixels  # multi-frame 2D: first frame
-            if self.task.spacing_mm is not None and img.spacing_mm is None:
-                raise DicomError("no_pixel_spacing", "no PixelSpacing/ImagerPixelSpacing, task.spacing_mm is set")
-            return preprocess(pixels, img.spacing_mm, self.task)
+    def decode(self, unit: _Unit) -> np.ndarray:
+        """One unit -> preprocessed [1, *image_size] through the cache; DicomError on failure."""
+        if self.task.spatial_dims == 2:
+            path = self.root / unit.files[0]
 
-        return self.cache.array(self.keys[rel], compute)
+            def compute() -> np.ndarray:
+                img = read_image(path)
+                pixels = img.pixels[0] if img.pixels.ndim == 3 else img.pixels  # multi-frame 2D: first frame
+                return preprocess(pixels, self._spacing(img.spacing_mm), self.task)
+
+            return self.cache.array(self.keys[unit.files[0]], compute)
+        geometry = order_slices(self.headers, list(unit.files))  # header-only: cheap, never cached
+
+        def compute_volume() -> np.ndarray:
+            return preprocess(read_volume(self.root, geometry), self._spacing(geometry.spacing_mm), self.task)
+
+        return self.cache.array(combined_key([self.keys[f] for f in unit.files]), compute_volume)
+
+    def _spacing(self, spacing: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if self.task.spacing_mm is not None and spacing is None:
+            raise DicomError("no_pixel_spacing", "no PixelSpacing/ImagerPixelSpacing, task.spacing_mm is set")
+        return spacing
 
     def select(self, pid: str, files: list[str]) -> list[tuple[np.ndarray, str]]:
-        """The images of one patient the task uses, decoded; failures and unused files are issues."""
+        """The inputs of one patient the task uses, decoded; failures and unused ones are issues."""
         task = self.task
-        ordered = sorted(files, key=lambda rel: _sort_key(self.headers[rel], rel))
+        ordered = self.units(files)
         if task.image_select == "series_description":
             wanted = (task.series_description or "").casefold()
-            matching = [r for r in ordered if wanted and wanted in self.headers[r]["series_description"].casefold()]
-            for rel in ordered:
-                if rel not in matching:
-                    self.issues.append(issue("image_not_selected", pid, rel, f"series '{self.headers[rel]['series_description']}'", kept=True))
+            matching = [u for u in ordered if wanted and wanted in u.description.casefold()]
+            self.issues.extend(issue("image_not_selected", pid, u.name, f"series '{u.description}'", kept=True)
+                               for u in ordered if u not in matching)
             if not matching:
-                found = sorted({self.headers[r]["series_description"] for r in ordered})
-                self.issues.append(issue("no_matching_series", pid, ", ".join(ordered),
-                                         f"wanted '{task.series_description}', found {found}"))
+                found = sorted({u.description for u in ordered})
+                self.issues.append(issue("no_matching_series", pid, ", ".join(u.name for u in ordered),
+                                         f"wanted a series description containing '{task.series_description}', found {found}"))
                 return []
             ordered = matching
         chosen: list[tuple[np.ndarray, str]] = []
-        for rel in ordered:
+        for unit in ordered:
             if chosen and task.image_select != "all":
-                self.issues.append(issue("image_not_selected", pid, rel, f"image_select={task.image_select}", kept=True))
+                self.issues.append(issue("image_not_selected", pid, unit.name, f"image_select={task.image_select}", kept=True))
                 continue
             try:
-                chosen.append((self.decode(rel), rel))
+                chosen.append((self.decode(unit), unit.name))
             except DicomError as exc:
-                self.issues.append(issue(exc.reason, pid, rel, exc.detail))
+                self.issues.append(issue(exc.reason, pid, unit.name, exc.detail))
         return chosen
 
 
