@@ -1,0 +1,205 @@
+"""A hospital joins the federation: Flower's SuperNode plus the site's approving executor.
+
+``fedmsk join <bundle>`` reads the bundle the coordinator issued (server/provision.py):
+``join.yaml`` (server address, file names), ``ca.crt``, ``site.key`` and ``site.yaml`` (the
+site's own settings). It starts two Flower processes and keeps them together:
+
+- ``flower-supernode`` with TLS (``--root-certificates ca.crt``), the site's key
+  (``--auth-supernode-private-key``), ``--isolation process`` and the node config the
+  ClientApp reads (``site-name``, ``site-config`` and optionally ``data-dir`` / ``device``);
+- the executor, Flower's ``flower-superexec`` wrapped by client/approval.py so that only app
+  builds approved at this site are installed and run.
+
+The Runtime API between the two listens on 127.0.0.1 only and the executor proves itself
+with a per-start shared secret (``--superexec-auth-secret-file``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+
+from client.approval import ApprovedBuilds
+from server.superlink import ManagedProcess
+from shared.config import ConfigError, load_site_file
+
+# Why a SuperNode stopped, in the site operator's words: (text in Flower's log, meaning).
+EXIT_REASONS = (
+    ("[code: 2004]", "the server refused this site's key (never registered, or revoked); ask your coordinator "
+                     "(a revoked site needs a new key: `fedmsk certs add-site NAME --rotate`)"),
+    ("CERTIFICATE_VERIFY_FAILED", "the server's TLS certificate does not verify against the bundle's ca.crt "
+                                  "(wrong CA, or someone in between); check ca.crt with your coordinator"),
+    ("Exit Code: 305", "could not connect to the server; check the address in join.yaml and your network"),
+    ("Exit Code: 302", "the site key is not a valid ECDSA P-384 OpenSSH key; ask your coordinator for a new bundle"),
+)
+
+
+@dataclass(frozen=True)
+class JoinSettings:
+    """A site's join.yaml with every path made absolute."""
+
+    site: str
+    superlink: str
+    ca_certificate: Path
+    private_key: Path
+    site_config: Path
+    runtime_port: int
+    approved_builds: Path
+    folder: Path
+
+
+def load_join(path: str | Path) -> JoinSettings:
+    """Read a bundle folder (holding join.yaml) or a join.yaml file; check that its files exist."""
+    p = Path(path).expanduser().resolve()
+    file = p / "join.yaml" if p.is_dir() else p
+    if not file.is_file():
+        raise ConfigError(f"{p}: no join.yaml; pass the site bundle folder your coordinator sent (it holds join.yaml)")
+    raw = yaml.safe_load(file.read_text()) or {}
+    need = ("site", "superlink", "ca_certificate", "private_key", "site_config")
+    missing = [k for k in need if not raw.get(k)]
+    if missing:
+        raise ConfigError(f"{file}: missing {', '.join(missing)}; re-issue the bundle with `fedmsk certs add-site`")
+    unknown = set(raw) - {*need, "runtime_port", "approved_builds"}
+    if unknown:
+        raise ConfigError(f"{file}: unknown keys {sorted(unknown)}")
+    folder = file.parent
+
+    def resolve(key: str, default: str | None = None) -> Path:
+        return (folder / str(raw.get(key) or default)).resolve()
+
+    settings = JoinSettings(
+        site=str(raw["site"]), superlink=str(raw["superlink"]),
+        ca_certificate=resolve("ca_certificate"), private_key=resolve("private_key"), site_config=resolve("site_config"),
+        runtime_port=int(raw.get("runtime_port") or 9094), approved_builds=resolve("approved_builds", "approved-builds.json"),
+        folder=folder,
+    )
+    for key in ("ca_certificate", "private_key", "site_config"):
+        if not getattr(settings, key).is_file():
+            raise ConfigError(f"{file}: {key} '{getattr(settings, key)}' does not exist")
+    mode = settings.private_key.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{settings.private_key} is readable by other users; run `chmod 600 {settings.private_key}`")
+    return settings
+
+
+def node_config(settings: JoinSettings, data_dir: str | None = None, device: str | None = None) -> str:
+    """The SuperNode's --node-config string; the ClientApp reads these keys (client/site.py)."""
+    site = load_site_file(settings.site_config)
+    data = data_dir or site.data_dir
+    if not data or str(data).startswith("/path/to/"):
+        raise ConfigError(f"{settings.site_config}: set data_dir to the folder holding your clinical.csv and images/")
+    if not (Path(data) / "clinical.csv").is_file():
+        raise ConfigError(f"{settings.site_config}: data_dir '{data}' holds no clinical.csv; check the path (`fedmsk check {data}`)")
+    pairs = {"site-name": settings.site, "site-config": str(settings.site_config)}
+    if data_dir:
+        pairs["data-dir"] = str(Path(data_dir).resolve())
+    if device:
+        pairs["device"] = device
+    for key, value in pairs.items():
+        if '"' in value:
+            raise ConfigError(f"node config value for {key} must not contain a double quote: {value}")
+    return " ".join(f'{k}="{v}"' for k, v in pairs.items())
+
+
+def _exe(name: str) -> str:
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else name
+
+
+class SiteNode:
+    """The SuperNode and the approving executor of one site, started and stopped together."""
+
+    def __init__(self, settings: JoinSettings, *, data_dir: str | None = None, device: str | None = None,
+                 state_dir: Path | None = None, max_retries: int | None = None, runtime_port: int | None = None) -> None:
+        if runtime_port is not None:  # several sites on one machine (tests, demos) need distinct ports
+            settings = replace(settings, runtime_port=runtime_port)
+        self.settings = settings
+        self.node_config = node_config(settings, data_dir, device)
+        self.state_dir = (state_dir or settings.folder / "state").resolve()
+        self.max_retries = max_retries
+        self.supernode: ManagedProcess | None = None
+        self.executor: ManagedProcess | None = None
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["FLWR_HOME"] = str(self.state_dir / "flwr-home")  # where approved builds get installed
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
+        return env
+
+    def start(self) -> "SiteNode":
+        s = self.settings
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        secret = self.state_dir / "superexec.secret"
+        if secret.exists():
+            secret.unlink()
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(os.urandom(32).hex().encode())
+        if not s.approved_builds.exists():
+            ApprovedBuilds(s.approved_builds)._save({})  # an empty allow-list: nothing runs until approved
+        runtime = f"127.0.0.1:{s.runtime_port}"
+        argv = [
+            _exe("flower-supernode"),
+            "--superlink", s.superlink,
+            "--root-certificates", str(s.ca_certificate),
+            "--auth-supernode-private-key", str(s.private_key),
+            "--isolation", "process",
+            "--host", "127.0.0.1", "--port", str(s.runtime_port),
+            "--superexec-auth-secret-file", str(secret),
+            "--node-config", self.node_config,
+        ]
+        if self.max_retries is not None:
+            argv += ["--max-retries", str(self.max_retries)]
+        env = self._env()
+        logs = self.state_dir / "logs"
+        self.supernode = ManagedProcess(f"supernode {s.site}", argv, logs / "supernode.log", env=env, cwd=self.state_dir).start()
+        self.executor = ManagedProcess(
+            f"executor {s.site}",
+            [sys.executable, "-m", "client.approval", "superexec", "--approved-builds", str(s.approved_builds),
+             "--runtime-api-address", runtime, "--insecure", "--superexec-auth-secret-file", str(secret),
+             "--parent-pid", str(self.supernode.pid)],
+            logs / "executor.log", env=env, cwd=self.state_dir,
+        ).start()
+        return self
+
+    def explain_exit(self) -> str | None:
+        """Why the SuperNode stopped, in the site operator's words (None while it runs)."""
+        if self.supernode is None or self.supernode.alive():
+            return None
+        # Flower logs its own exit code ("Exit Code: 305") even where the process status is 1.
+        text = self.supernode.log_text()
+        codes = re.findall(r"Exit Code: (\d+)", text)
+        code = int(codes[-1]) if codes else self.supernode.returncode()
+        reason = next((meaning for needle, meaning in EXIT_REASONS if needle in text), f"see {self.supernode.log_path}")
+        return f"SuperNode stopped (Flower exit code {code}): {reason}"
+
+    def wait(self, poll: float = 1.0) -> int:
+        """Block until the SuperNode exits (or Ctrl-C); returns its exit code."""
+        assert self.supernode is not None
+        try:
+            while self.supernode.alive():
+                time.sleep(poll)
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            self.stop()
+        return int(self.supernode.returncode() or 0)
+
+    def stop(self) -> None:
+        for proc in (self.executor, self.supernode):
+            if proc is not None:
+                proc.stop()
+
+    def __enter__(self) -> "SiteNode":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
