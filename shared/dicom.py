@@ -221,11 +221,28 @@ def to_display(arr: np.ndarray, ds: Dataset, window: bool = True) -> tuple[np.nd
         gray = _to_gray(arr, ds)
         bits = int(ds.get("BitsStored", 8))
         return gray, (0.0, float(2**bits - 1))
-    values = apply_modality_lut(arr, ds).astype(np.float64)
+    values = apply_modality_lut(arr, ds)
     voi = _voi_range(ds) if window else None
     if voi is not None:
-        values = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
-    return values, voi
+        if ds.get("VOILUTSequence") and values.dtype.kind == "f":
+            values = np.rint(values).astype(np.int64)  # a LUT is indexed by integer modality values
+        values = apply_voi_lut(values, _wide_lut_indices(ds), prefer_lut=True)
+    return values.astype(np.float64), voi
+
+
+def _wide_lut_indices(ds: Dataset) -> Dataset:
+    """Work around pydicom 3.0.2 ``apply_voi``: it indexes an 8-bit LUT with uint8 indices, so a
+    4096-entry LUT with 8-bit output wraps every 256 input values. Declaring 16-bit entries
+    only widens the index type; the entries (and our output range) are unchanged."""
+    seq = ds.get("VOILUTSequence")
+    if not seq or int(seq[0].LUTDescriptor[2]) != 8:
+        return ds
+    item = Dataset(seq[0])
+    item.LUTDescriptor = [int(v) for v in seq[0].LUTDescriptor[:2]] + [16]
+    view = Dataset()
+    view.file_meta = ds.file_meta
+    view.VOILUTSequence = [item]
+    return view
 
 
 def scale_unit(values: np.ndarray, value_range: tuple[float, float] | None, monochrome1: bool) -> np.ndarray:
