@@ -1,0 +1,186 @@
+"""Helpers for the deployment tests: free ports, a throwaway Flower app, a copy of the fedmsk app,
+and a federation of real processes (SuperLink + gateway + SuperNodes) on 127.0.0.1 that always
+stops everything it started."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from client.approval import ApprovedBuilds
+from client.join import SiteNode, load_join
+from server.gateway import find_nginx
+from server.provision import Consortium
+from server.superlink import CoordinatorServer, flwr_cli, node_states
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_nginx() -> None:
+    if find_nginx() is None:
+        pytest.skip("nginx is not installed (apt-get install -y nginx): the site-facing gateway needs it")
+
+
+def write_toy_app(folder: Path, variant: str = "") -> Path:
+    """A tiny Message-API app: each site adds 1 to the weights after sleeping `sleep` seconds.
+
+    ``variant`` is written into a comment, so two folders differing only in it give builds
+    that differ by a byte or so.
+    """
+    pkg = folder / "toy"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(textwrap.dedent("""\
+        [build-system]
+        requires = ["hatchling"]
+        build-backend = "hatchling.build"
+
+        [project]
+        name = "toy"
+        version = "1.0.0"
+        description = "throwaway app for fedmsk's deployment tests"
+        license = "Apache-2.0"
+        dependencies = []
+
+        [tool.hatch.build.targets.wheel]
+        packages = ["."]
+
+        [tool.flwr.app]
+        publisher = "fedmsk-test"
+
+        [tool.flwr.app.components]
+        serverapp = "toy.server:app"
+        clientapp = "toy.client:app"
+
+        [tool.flwr.app.config]
+        rounds = 1
+        min-nodes = 2
+        sleep = 0.0
+        out = ""
+        """))
+    (pkg / "__init__.py").write_text(f"# {variant}\n")
+    (pkg / "client.py").write_text(textwrap.dedent("""\
+        import time
+        from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+        from flwr.clientapp import ClientApp
+
+        app = ClientApp()
+
+        @app.train()
+        def train(msg: Message, context: Context) -> Message:
+            time.sleep(float(msg.content["config"]["sleep"]))
+            arrays = [a + 1.0 for a in msg.content["arrays"].to_numpy_ndarrays()]
+            reply = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": 10})})
+            return Message(reply, reply_to=msg)
+        """))
+    (pkg / "server.py").write_text(textwrap.dedent("""\
+        import json
+        import numpy as np
+        from flwr.app import ArrayRecord, ConfigRecord, Context
+        from flwr.serverapp import Grid, ServerApp
+        from flwr.serverapp.strategy import FedAvg
+
+        app = ServerApp()
+
+        @app.main()
+        def main(grid: Grid, context: Context) -> None:
+            rc = context.run_config
+            n = int(rc["min-nodes"])
+            strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
+            result = strategy.start(grid=grid, initial_arrays=ArrayRecord([np.zeros(3)]), num_rounds=int(rc["rounds"]),
+                                    timeout=180, train_config=ConfigRecord({"sleep": float(rc["sleep"])}))
+            if rc["out"]:
+                with open(rc["out"], "w") as fh:
+                    json.dump([a.tolist() for a in result.arrays.to_numpy_ndarrays()], fh)
+        """))
+    return folder
+
+
+def copy_fedmsk_app(dest: Path) -> Path:
+    """The fedmsk Flower app as `flwr run` ships it, copied so that no test run can edit the
+    repository's pyproject (Flower rewrites a [tool.flwr.federations] table) and the build is
+    quick (no .venv to walk)."""
+    for name in ("cli", "client", "server", "shared", "simulation", "configs"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    text = (REPO / "pyproject.toml").read_text()
+    text = re.sub(r"\n\[tool\.flwr\.federations[^\n]*\](?:\n(?!\[)[^\n]*)*", "\n", text)
+    (dest / "pyproject.toml").write_text(text)
+    (dest / "README.md").write_text("fedmsk (test copy)\n")
+    return dest
+
+
+class LocalFederation:
+    """A consortium folder, its server, and site nodes, all on 127.0.0.1 with free ports."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.public_port = free_port()
+        self.local_port = free_port()
+        self.consortium = Consortium(root / "consortium")
+        self.consortium.init(f"127.0.0.1:{self.public_port}")
+        self.server: CoordinatorServer | None = None
+        self.nodes: dict[str, SiteNode] = {}
+
+    def add_site(self, name: str, data_dir: Path | None = None, approve: list[Path] = ()) -> Path:
+        bundle = self.consortium.add_site(name)
+        if data_dir is not None:
+            site_yaml = bundle / "site.yaml"
+            text = re.sub(r"(?m)^data_dir:.*$", f"data_dir: {data_dir}", site_yaml.read_text())
+            site_yaml.write_text(re.sub(r"(?m)^device:.*$", "device: cpu", text))
+        store = ApprovedBuilds(load_join(bundle).approved_builds)
+        for app in approve:
+            store.approve(app)
+        return bundle
+
+    def start_server(self) -> CoordinatorServer:
+        self.server = CoordinatorServer(self.consortium, local_port=self.local_port, bind_host="127.0.0.1").start()
+        return self.server
+
+    def join(self, name: str, bundle: Path | None = None, **settings_changes) -> SiteNode:
+        from dataclasses import replace
+
+        settings = load_join(bundle or self.consortium.bundle_dir(name))
+        if settings_changes:
+            settings = replace(settings, **settings_changes)
+        node = SiteNode(settings, runtime_port=free_port(), max_retries=0).start()
+        self.nodes[f"{name}-{len(self.nodes)}"] = node
+        return node
+
+    def wait_online(self, n: int, timeout: float = 60.0) -> None:
+        assert self.server is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sum(s == "online" for s in node_states(self.server.home).values()) >= n:
+                return
+            time.sleep(1.0)
+        raise AssertionError(f"fewer than {n} sites online after {timeout:.0f} s: {node_states(self.server.home)}")
+
+    def run_log(self, run_id: str) -> str:
+        import subprocess
+        import sys
+
+        from server.superlink import flwr_env
+
+        out = subprocess.run([str(Path(sys.executable).with_name("flwr")), "log", run_id, "fedmsk", "--show"],
+                             capture_output=True, text=True, env=flwr_env(self.server.home), timeout=60)
+        return out.stdout + out.stderr
+
+    def flwr(self, *args: str) -> dict:
+        return flwr_cli(self.server.home, *args)
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+        if self.server is not None:
+            self.server.stop()
