@@ -155,7 +155,7 @@ def parse_label(cell: str | None, task: TaskConfig, decimal_comma: bool) -> int 
 def read_table(path: str | Path, task: TaskConfig) -> ClinicalTable:
     """Parse clinical.csv; every row that cannot be used is an issue, never an exception."""
     p = Path(path)
-    where = str(p)
+    where = p.name  # records read "clinical.csv:LINE": the report lives in the site folder itself
     try:
         text, encoding = _decode(p.read_bytes())
     except OSError as exc:

@@ -167,7 +167,7 @@ def stored_pixels(ds: Dataset, path: Path) -> np.ndarray:
         return ds.pixel_array
     except Exception as exc:  # pydicom and its plugins raise many types; each one is reported, never raised
         msg = str(exc).replace("\n", " ")
-        if "length of the pixel data" in msg or "shorter than" in msg or isinstance(exc, EOFError):
+        if any(s in msg for s in ("less than expected", "length of the pixel data", "shorter than")) or isinstance(exc, EOFError):
             raise DicomError("truncated", f"pixel data is incomplete ({msg[:200]})", path) from None
         if "does not support" in msg or "precision" in msg:
             raise DicomError(
