@@ -1,0 +1,50 @@
+"""The synthetic ground truth: what the best possible model would score.
+
+`fedmsk synth` writes each patient's latent disease score to ``<data_root>/oracle.csv``
+(outside the site folders, so no site loader and no training code ever sees it). Reports put
+a model's AUC beside the oracle AUC on the same test patients: the gap says how much signal
+the model leaves on the table, which a bare AUC cannot.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from pathlib import Path
+
+from sklearn.metrics import roc_auc_score
+
+from simulation.synth import ORACLE_FILE
+
+OracleKey = tuple[str, str]  # (site, patient_id)
+
+
+def read_oracle(data_root: str | Path) -> dict[OracleKey, tuple[float, int]]:
+    """(site, patient_id) -> (latent_score, label) from ``<data_root>/oracle.csv``."""
+    path = Path(data_root) / ORACLE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: the oracle exists only for federations written by `fedmsk synth`"
+        )
+    with path.open(newline="") as fh:
+        return {
+            (row["site"], row["patient_id"]): (float(row["latent_score"]), int(row["label"]))
+            for row in csv.DictReader(fh)
+        }
+
+
+def oracle_auc(data_root: str | Path, keys: Iterable[OracleKey]) -> float:
+    """AUC of the latent score against the label over the given patients (e.g. the test split).
+
+    Returns NaN when the patients hold a single class, where an AUC is undefined.
+    """
+    oracle = read_oracle(data_root)
+    wanted = list(keys)
+    missing = [k for k in wanted if k not in oracle]
+    if missing:
+        raise KeyError(f"{len(missing)} patients not in {Path(data_root) / ORACLE_FILE}, e.g. {missing[0]}")
+    scores = [oracle[k][0] for k in wanted]
+    labels = [oracle[k][1] for k in wanted]
+    if len(set(labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
