@@ -26,7 +26,7 @@ from monai.transforms import (
 from shared.config import TaskConfig
 
 # bump when preprocess() changes behaviour: cached arrays from older code are then ignored
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 
 
 def preprocessing_key(task: TaskConfig) -> dict[str, Any]:
@@ -49,17 +49,24 @@ def preprocess(pixels: np.ndarray, spacing_mm: tuple[float, ...] | None, task: T
     size = tuple(int(s) for s in task.image_size)
     if pixels.ndim != len(size):
         raise ValueError(f"image has {pixels.ndim} spatial dims, task.image_size {list(size)} has {len(size)}")
-    mode = "bilinear" if len(size) == 2 else "trilinear"
     img = torch.as_tensor(np.ascontiguousarray(pixels, dtype=np.float32))[None]
     if task.spacing_mm is not None:
         if spacing_mm is None:
             raise ValueError("task.spacing_mm is set but the image has no pixel spacing")
         physical = tuple(max(1, round(n * s / task.spacing_mm)) for n, s in zip(pixels.shape, spacing_mm))
-        img = Resize(physical, mode=mode, anti_aliasing=True)(img)
+        img = _resize(img, physical)
         img = ResizeWithPadOrCrop(size, mode="constant")(img)
     else:
-        img = Resize(size, mode=mode, anti_aliasing=True)(img)
+        img = _resize(img, size)
     return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+
+
+def _resize(img: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Shrinking averages the covered pixels ("area": alias-free, and about 10x cheaper than a
+    Gaussian anti-aliasing pass); enlarging interpolates (bi/trilinear)."""
+    if all(t <= s for t, s in zip(size, img.shape[1:])):
+        return Resize(size, mode="area")(img)
+    return Resize(size, mode="bilinear" if len(size) == 2 else "trilinear")(img)
 
 
 def train_augmentation(task: TaskConfig, seed: int) -> Compose:
