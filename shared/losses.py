@@ -160,6 +160,9 @@ class Criterion(nn.Module):
         return self.aux_weight > 0 and self.aux.couples_batch
 
     def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        if labels.numel() == 0:  # an empty Poisson batch under DP-SGD: no patient, no loss (the noisy step still runs)
+            zero = outputs["logits"].sum() * 0.0
+            return zero, {"loss": 0.0}
         ce = F.cross_entropy(outputs["logits"], labels)
         loss = ce
         parts = {"ce": float(ce.detach())}

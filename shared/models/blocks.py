@@ -8,6 +8,8 @@ parametrised by ``spatial_dims`` so a 2D radiograph task and a 3D CT task share 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
@@ -65,8 +67,8 @@ class NonLocalBlock(nn.Module):
         self.out = Convolution(spatial_dims, channels, channels, kernel_size=1, conv_only=True)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        b, c = feat.shape[:2]
-        qkv = self.qkv(self.norm(feat)).reshape(b, 3, self.heads, c // self.heads, -1)  # [B, 3, h, d, N]
+        b, c, n = feat.shape[0], feat.shape[1], math.prod(feat.shape[2:])  # explicit N: an empty Poisson batch has B=0
+        qkv = self.qkv(self.norm(feat)).reshape(b, 3, self.heads, c // self.heads, n)  # [B, 3, h, d, N]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         attn = torch.softmax(torch.einsum("bhdn,bhdm->bhnm", q, k) * (c // self.heads) ** -0.5, dim=-1)
         y = torch.einsum("bhnm,bhdm->bhdn", attn, v).reshape(feat.shape)
