@@ -94,6 +94,8 @@ def _print_summary(console: Console, site: SiteData, summary: dict[str, Any], ta
     table.add_row("transfer syntaxes", counts(summary["transfer_syntaxes"]))
     console.print(table)
     console.print(f"per-record report: {report} (stays at this site)")
+    if site.cache_note:
+        console.print(f"[yellow]{site.cache_note}[/]: every round will decode the DICOM files again", highlight=False)
     console.print(f"[bold {'green' if ok else 'red'}]{'OK' if ok else 'NOT READY'}[/]: {verdict}", highlight=False)
 
 
@@ -110,7 +112,7 @@ def check_site(site_dir: str | Path, task: TaskConfig, console: Console | None =
                 tasks[stage] = bar.add_task(_STAGES.get(stage, stage), total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
-        site = load_site(root, task, progress=progress, use_cache=use_cache)
+        site = load_site(root, task, progress=progress, use_cache=use_cache, verify_all=True)
     summary = summarise(site, task)
     report = root / REPORT_NAME
     write_report(site.issues, report)

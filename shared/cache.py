@@ -62,10 +62,15 @@ class PreprocessCache:
         self.config_hash = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=8).hexdigest()
         self.hits = 0
         self.misses = 0
+        self.disabled_reason = ""
         if root is not None:
             cfg_file = root / self.config_hash / "config.json"
-            if not cfg_file.exists():
-                _atomic_write(cfg_file, lambda fh: json.dump(config, fh, indent=1), binary=False)
+            try:
+                if not cfg_file.exists():
+                    _atomic_write(cfg_file, lambda fh: json.dump(config, fh, indent=1), binary=False)
+            except OSError as exc:  # a read-only export: load without a cache rather than not at all
+                self.root = None
+                self.disabled_reason = f"no preprocessing cache: cannot write {root} ({exc.strerror or exc})"
 
     def _entry(self, kind: str, key: str, suffix: str) -> Path:
         assert self.root is not None
@@ -88,7 +93,7 @@ class PreprocessCache:
                 stored = {"ok": compute()}
             except DicomError as exc:
                 stored = {"error": [exc.reason, exc.detail]}
-            _atomic_write(path, lambda fh: json.dump(stored, fh), binary=False)
+            self._store(path, lambda fh: json.dump(stored, fh), binary=False)
         if "error" in stored:
             raise DicomError(*stored["error"])
         return stored["ok"]
@@ -109,7 +114,14 @@ class PreprocessCache:
         try:
             arr = compute()
         except DicomError as exc:
-            _atomic_write(err, lambda fh: json.dump([exc.reason, exc.detail], fh), binary=False)
+            self._store(err, lambda fh: json.dump([exc.reason, exc.detail], fh), binary=False)
             raise
-        _atomic_write(path, lambda fh: np.save(fh, arr), binary=True)
+        self._store(path, lambda fh: np.save(fh, arr), binary=True)
         return arr
+
+    def _store(self, path: Path, write: Callable[[Any], None], binary: bool) -> None:
+        """A full disk costs speed, not the load: the outcome is returned uncached."""
+        try:
+            _atomic_write(path, write, binary)
+        except OSError as exc:
+            self.disabled_reason = f"preprocessing cache not written: {exc.strerror or exc}"

@@ -51,6 +51,7 @@ class SiteData:
     issues: list[RecordIssue] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # per row: the image file(s) it came from
     headers: dict[str, dict[str, Any]] = field(default_factory=dict)  # every readable file -> header facts
+    cache_note: str = ""  # why the preprocessing cache was not used, if it was not
 
 
 def image_files(root: Path) -> list[Path]:
@@ -97,8 +98,8 @@ class _Unit:
 class _Loader:
     """The state of one load_site call (cache, issues, headers) so the steps stay small."""
 
-    def __init__(self, root: Path, task: TaskConfig, progress: Progress | None, use_cache: bool) -> None:
-        self.root, self.task, self.progress = root, task, progress
+    def __init__(self, root: Path, task: TaskConfig, progress: Progress | None, use_cache: bool, verify_all: bool) -> None:
+        self.root, self.task, self.progress, self.verify_all = root, task, progress, verify_all
         self.cache = PreprocessCache(root / CACHE_DIRNAME if use_cache else None, preprocessing_key(task))
         self.issues: list[RecordIssue] = []
         self.headers: dict[str, dict[str, Any]] = {}
@@ -190,7 +191,14 @@ class _Loader:
         chosen: list[tuple[np.ndarray, str]] = []
         for unit in ordered:
             if chosen and task.image_select != "all":
-                self.issues.append(issue("image_not_selected", pid, unit.name, f"image_select={task.image_select}", kept=True))
+                note = f"image_select={task.image_select}"
+                if self.verify_all:  # `fedmsk check` decodes every image once, used or not
+                    try:
+                        self.decode(unit)
+                    except DicomError as exc:
+                        self.issues.append(issue(exc.reason, pid, unit.name, f"{exc.detail} (not selected: {note})", kept=True))
+                        continue
+                self.issues.append(issue("image_not_selected", pid, unit.name, note, kept=True))
                 continue
             try:
                 chosen.append((self.decode(unit), unit.name))
@@ -199,10 +207,15 @@ class _Loader:
         return chosen
 
 
-def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None = None, use_cache: bool = True) -> SiteData:
-    """Read, validate, link and decode one site; unusable records become issues, never exceptions."""
+def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None = None, use_cache: bool = True,
+              verify_all: bool = False) -> SiteData:
+    """Read, validate, link and decode one site; unusable records become issues, never exceptions.
+
+    ``verify_all`` also decodes the images the task does not select (for `fedmsk check`), so a
+    broken file is found before it is the one a changed image_select would pick.
+    """
     root = Path(site_dir)
-    loader = _Loader(root, task, progress, use_cache)
+    loader = _Loader(root, task, progress, use_cache, verify_all)
     table = read_table(root / "clinical.csv", task)
     loader.issues.extend(table.issues)
     by_patient = loader.scan()
@@ -248,6 +261,7 @@ def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None 
         issues=loader.issues,
         files=sources,
         headers=loader.headers,
+        cache_note=loader.cache.disabled_reason,
     )
 
 

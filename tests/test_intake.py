@@ -157,6 +157,22 @@ def test_cache_serves_warm_loads_and_is_invalidated_by_config_or_content(tmp_pat
     assert decoded == ["p2.dcm"] and np.array_equal(again.images[[0, 1, 3]], cold.images[[0, 1, 3]])
 
 
+def test_unwritable_cache_folder_only_costs_speed(tmp_path):
+    root = write_site(tmp_path / "s", [valid_row("p1")], images={"p1": ramp()})
+    (root / ".fedmsk-cache").write_text("not a folder")  # as a read-only export would refuse the mkdir
+    site = load_site(root, task_config(**TASK))
+    assert site.patient_ids == ["p1"] and "no preprocessing cache" in site.cache_note
+
+
+def test_check_decodes_images_the_task_does_not_select(two_views):
+    full = (two_views / "images" / "p1_lat.dcm").read_bytes()
+    (two_views / "images" / "p1_lat.dcm").write_bytes(full[:-200])
+    task = task_config(**TASK)
+    assert "truncated" not in {i.reason for i in load_site(two_views, task).issues}
+    (found,) = [i for i in load_site(two_views, task, verify_all=True).issues if i.reason == "truncated"]
+    assert found.kept and found.file == "images/p1_lat.dcm"
+
+
 def test_check_verb_reports_and_exits_by_min_usable(messy_site, capsys):
     root = messy_site.root
     assert fedmsk(["check", str(root), "task.image_size=[16,16]", "task.min_usable=8"]) == 0
