@@ -113,7 +113,7 @@ class RunRecorder:
         save_state(self.run_dir / "final_model.pt", arrays)
         test_rows = self.select(phase="evaluate", split="test")
         train_rows = self.select(phase="train")
-        sites = sorted({r["site"] for r in test_rows + train_rows if r["site"] != "global"})
+        sites = sorted({r["site"] for r in test_rows if r["site"] != "global"})
         per_site = {}
         for s in sites:
             test = next((r for r in reversed(test_rows) if r["site"] == s), {})
@@ -176,6 +176,8 @@ class RunRecorder:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer() and abs(v) > 1:
+        v = int(v)
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 

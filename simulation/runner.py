@@ -60,7 +60,11 @@ def simulate(cfg: FedmskConfig, console: Console | None = None) -> dict:
         return {"pooled_test": pooled_test_metrics(screener, cfg, load_federation(cfg, sites))}
 
     server_app = make_server_app(cfg, run_dir, on_progress=lambda text: console.print("  " + text), on_finish=on_finish)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.WARNING)
+    # `run_simulation` is the one entry that takes in-process apps and resources; its
+    # deprecation notice says nothing a fedmsk user can act on.
+    flwr_log.addFilter(lambda record: "DEPRECATED FEATURE" not in record.getMessage())
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
