@@ -46,6 +46,11 @@ class Federation:
             self.site_names[node] = reply_site_name(msg.content, f"node-{node}")
         return self.site_names.get(node, f"node-{node}")
 
+    def _event(self, rnd: int, site: str, kind: str, reason: str) -> None:
+        self.recorder.event(rnd, site, kind, reason)
+        log.warning("round %d: %s: %s: %s", rnd, site, kind, reason)
+        self.on_progress(f"round {rnd}/{self.cfg.rounds}: [yellow]{site}: {kind}[/]: {reason}")
+
     def _exchange(self, messages: Iterable[Message]) -> list[Message]:
         return list(self.grid.send_and_receive(list(messages), timeout=self.cfg.strategy.round_timeout_s))
 
@@ -55,25 +60,23 @@ class Federation:
         for reply in self._exchange(msgs):
             site = self._site(reply)
             if reply.has_error():
-                self.recorder.event(rnd, site, "no update", reply.error.reason)
-                log.warning("round %d: %s sent no update: %s", rnd, site, reply.error.reason)
+                self._event(rnd, site, "no update", reply.error.reason)
                 continue
             verdict = check_update(arrays, reply.content, self.cfg.strategy.max_update_norm)
             if not verdict.ok:
-                self.recorder.event(rnd, site, "update rejected", verdict.reason)
-                log.warning("round %d: update from %s rejected: %s", rnd, site, verdict.reason)
+                self._event(rnd, site, "update rejected", verdict.reason)
                 continue
             metrics = dict(reply.content[METRICS]) | {"update_norm": verdict.update_norm}
             self.recorder.metrics(rnd, "train", site, metrics)
-            self.on_progress(f"round {rnd}: {site} trained on {int(metrics['num-examples'])} patients, loss {metrics['train_loss']:.3f}")
+            self.on_progress(f"round {rnd}/{self.cfg.rounds}: {site} trained on {int(metrics['num-examples'])} patients, loss {metrics['train_loss']:.3f}")
             accepted.append(reply)
         if not accepted:
-            self.recorder.event(rnd, "global", "round skipped", "no acceptable update; the global model is unchanged")
+            self._event(rnd, "global", "round skipped", "no acceptable update; the global model is unchanged")
             return arrays
         try:
             new_arrays, agg = self.strategy.aggregate_train(rnd, accepted)
         except InconsistentMessageReplies as exc:
-            self.recorder.event(rnd, "global", "round skipped", str(exc))
+            self._event(rnd, "global", "round skipped", str(exc))
             return arrays
         if agg is not None:
             self.recorder.metrics(rnd, "train", "global", dict(agg))
@@ -86,7 +89,7 @@ class Federation:
         for reply in self._exchange(msgs):
             site = self._site(reply)
             if reply.has_error():
-                self.recorder.event(rnd, site, f"no {split} evaluation", reply.error.reason)
+                self._event(rnd, site, f"no {split} evaluation", reply.error.reason)
                 continue
             self.recorder.metrics(rnd, "evaluate", site, dict(reply.content[METRICS]), split=split)
             ok.append(reply)
@@ -95,13 +98,13 @@ class Federation:
         try:
             agg = self.strategy.aggregate_evaluate(rnd, ok)
         except InconsistentMessageReplies as exc:
-            self.recorder.event(rnd, "global", f"{split} evaluation not pooled", str(exc))
+            self._event(rnd, "global", f"{split} evaluation not pooled", str(exc))
             return None
         if agg is None:
             return None
         pooled = dict(agg)
         self.recorder.metrics(rnd, "evaluate", "global", pooled, split=split)
-        self.on_progress(f"round {rnd}: {split} AUC over sites {pooled.get('auc', float('nan')):.3f}")
+        self.on_progress(f"round {rnd}/{self.cfg.rounds}: {split} AUC over sites {pooled.get('auc', float('nan')):.3f}")
         return pooled
 
     def run(self) -> ArrayRecord:
@@ -110,8 +113,7 @@ class Federation:
         if resumed is not None:
             done, arrays = resumed
             start = done + 1
-            self.recorder.event(done, "global", "resumed", f"continuing from the checkpoint of round {done}")
-            self.on_progress(f"resuming after round {done}")
+            self._event(done, "global", "resumed", f"continuing from the checkpoint of round {done}")
         else:
             arrays = ArrayRecord(build_screener(self.cfg).state_dict())
             self.evaluate_round(0, arrays, "val")
