@@ -64,10 +64,7 @@ def write_toy_app(folder: Path, variant: str = "") -> Path:
         clientapp = "toy.client:app"
 
         [tool.flwr.app.config]
-        rounds = 1
-        min-nodes = 2
-        sleep = 0.0
-        out = ""
+        overrides = ""
         """))
     (pkg / "__init__.py").write_text(f"# {variant}\n")
     (pkg / "client.py").write_text(textwrap.dedent("""\
@@ -86,6 +83,7 @@ def write_toy_app(folder: Path, variant: str = "") -> Path:
         """))
     (pkg / "server.py").write_text(textwrap.dedent("""\
         import json
+        import shlex
         import numpy as np
         from flwr.app import ArrayRecord, ConfigRecord, Context
         from flwr.serverapp import Grid, ServerApp
@@ -95,7 +93,9 @@ def write_toy_app(folder: Path, variant: str = "") -> Path:
 
         @app.main()
         def main(grid: Grid, context: Context) -> None:
-            rc = context.run_config
+            # `fedmsk launch` sends "k=v ..." in `overrides`, as for the fedmsk app
+            rc = {"rounds": "1", "min-nodes": "2", "sleep": "0", "out": ""}
+            rc.update(kv.split("=", 1) for kv in shlex.split(str(context.run_config["overrides"])))
             n = int(rc["min-nodes"])
             strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
             result = strategy.start(grid=grid, initial_arrays=ArrayRecord([np.zeros(3)]), num_rounds=int(rc["rounds"]),

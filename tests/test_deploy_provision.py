@@ -20,7 +20,7 @@ from server.gateway import render_config
 from server.launch import check_app, overrides_config
 from server.provision import Consortium, ProvisionError
 from shared.config import ConfigError, load_site_file
-from tests.deploy_helpers import write_toy_app
+from deploy_helpers import write_toy_app
 
 
 @pytest.fixture()
