@@ -17,6 +17,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client.privacy import SitePrivacy, resolve_policy
 from client.site import SiteIdentity, resolve_site
 from client.trainer import build_screener, evaluate, make_loader, train_local
 from shared.config import FedmskConfig, from_yaml
@@ -74,11 +75,25 @@ def run_train(
 ) -> tuple[SiteIdentity, dict[str, torch.Tensor], dict[str, float]]:
     """One round of local training at this site: returns (site, new weights, metrics)."""
     cfg, site, datasets, screener = _prepare(node_config, job_yaml, weights)
+    privacy = None
+    policy = resolve_policy(node_config, cfg.privacy, site.data_dir)  # the site's own budget wins
+    if policy.enabled:
+        privacy = SitePrivacy.open(site.data_dir, policy)
+        # raises BudgetSpent (-> an error reply the server logs) before any step is taken
+        privacy.begin_round(
+            run_id or "run",
+            server_round,
+            planned_rounds=cfg.rounds,
+            local_epochs=cfg.federation.local_epochs,
+            n_train=len(datasets["train"]),
+            batch_size=cfg.federation.batch_size,
+        )
     loader = make_loader(
         datasets["train"], cfg.federation.batch_size, shuffle=True, seed=cfg.seed * 1000 + server_round
     )
-    result = train_local(screener, loader, cfg.federation, site.device)
-    metrics = result.metrics() | {"dp": 0.0, "epsilon": 0.0, "delta": 0.0}
+    result = train_local(screener, loader, cfg.federation, site.device, privacy=privacy)
+    dp_metrics = privacy.end_round() if privacy is not None else {"dp": 0.0, "epsilon": 0.0, "delta": 0.0}
+    metrics = result.metrics() | dp_metrics
     state = {k: v.detach().cpu() for k, v in screener.state_dict().items()}
     return site, state, metrics
 

@@ -99,8 +99,8 @@ def train_local(
     for _ in range(epochs or fed.local_epochs):
         for batch in loader:
             image, clinical, label = _to(batch, device)
-            if label.numel() == 0:  # Poisson sampling can draw an empty batch
-                continue
+            if label.numel() == 0 and privacy is None:
+                continue  # under DP-SGD an empty Poisson batch still takes its noisy, accounted step
             outputs = module(image, clinical)
             loss, _parts = screener.criterion(outputs, label)
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,307 @@
+"""Sample-level DP-SGD at a site, with the site's own budget: one entry point, like Opacus' make_private.
+
+Usage (client/app.py)::
+
+    privacy = SitePrivacy.open(site_dir, policy)          # the site's ledger + policy
+    privacy.begin_round(run_id, rnd, planned_rounds=..., local_epochs=..., n_train=..., batch_size=...)
+    train_local(..., privacy=privacy)                      # calls privacy.make_private(...) / detach(...)
+    metrics |= privacy.end_round()                         # persists the accountant, returns epsilon
+
+* Policy: the site's own file (``--node-config 'privacy-config="site_privacy.yaml"'``) wins; without
+  one, the first policy a site trains under is pinned in its ledger and a server's later proposal
+  can never raise it. DP is on when the site or the run asks for it.
+* Noise: calibrated once per run for the whole planned schedule (planned rounds x local epochs x
+  steps per epoch) against what is LEFT of the site's budget, and kept in the ledger so every
+  round of the run (in any process) uses the same noise multiplier.
+* Sampling: Poisson (Opacus' DPDataLoader); logical batches above ``MAX_PHYSICAL_BATCH`` go
+  through Opacus' BatchMemoryManager splitting, not hand-written gradient accumulation.
+* Refusals (before any step is taken): a model Opacus' validator rejects (no silent surgery), a
+  batch-coupled auxiliary loss, a round that would take the site past its budget (BudgetSpent).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.utils.batch_memory_manager import wrap_data_loader
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from client.ledger import PrivacyLedger, RoundEntry, RunPlan, Step, merge_history
+from shared.config import ConfigError, PrivacyConfig
+from shared.losses import DP_SAFE_AUX
+
+log = logging.getLogger("fedmsk.privacy")
+
+GRAD_SAMPLE_MODE = "hooks"  # fastest per-sample-gradient mode valid for our models and losses (bench/bench_dp.py)
+MAX_PHYSICAL_BATCH = 64  # larger logical batches are split by Opacus' BatchMemoryManager
+MAX_NOISE_MULTIPLIER = 32.0  # above this the noise drowns any gradient: a leftover budget this small counts as spent
+EPS_RTOL = 1e-3
+BUDGET_FLOOR = 0.02  # a leftover under 2% of the target (the calibration's slack) counts as spent  # relative slack when comparing an accountant's epsilon with the target (estimation noise)
+NODE_PRIVACY_CONFIG = "privacy-config"  # node_config key: path of the site's own privacy policy YAML
+POLICY_KEYS = ("target_epsilon", "delta", "max_grad_norm", "accountant")
+
+
+class BudgetSpent(RuntimeError):
+    """The site declines to train: the next round would take it past its privacy budget.
+
+    The ClientApp lets it propagate; Flower turns it into an error reply whose reason (this
+    message) the server logs for the site and the round goes on with the other sites.
+    """
+
+
+def epsilon_of(history: list[Step], delta: float, accountant: str) -> float:
+    """Epsilon of a history of noisy steps, computed by the Opacus accountant the site uses."""
+    return _epsilon(tuple(merge_history(history)), delta, accountant)
+
+
+@lru_cache(maxsize=256)
+def _epsilon(history: tuple[Step, ...], delta: float, accountant: str) -> float:
+    """Cached: a PRV evaluation takes seconds on a CPU and the same history is asked about repeatedly."""
+    if not history:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta))
+
+
+def calibrate_noise(
+    history: list[Step], sample_rate: float, steps: int, target_epsilon: float, delta: float, accountant: str
+) -> float:
+    """Smallest noise multiplier (to ~0.5% in epsilon) such that ``history`` + ``steps`` new steps stay within target.
+
+    Like Opacus' ``get_noise_multiplier`` but composed with what the site has already spent, so
+    a second run only gets the budget that is left. log(epsilon) is close to linear in
+    log(sigma), so a secant search in log-log space needs a handful of accountant calls (a PRV
+    call costs seconds on a CPU) where bisection needs a dozen.
+    """
+    spent = epsilon_of(history, delta, accountant)
+    if spent >= target_epsilon * (1 - BUDGET_FLOOR):
+        raise BudgetSpent(
+            f"budget spent: epsilon {spent:.3f} of the site's {target_epsilon:g} is already used (delta {delta:g}); "
+            f"the site declines to train"
+        )
+
+    def f(sigma: float) -> float:
+        return math.log(epsilon_of(list(history) + [(sigma, sample_rate, steps)], delta, accountant) / target_epsilon)
+
+    x0, f0 = 1.0, f(1.0)
+    x1 = 2.0 if f0 > 0 else 0.5
+    f1 = f(x1)
+    for _ in range(10):
+        if -0.005 < f1 <= 0 or f1 == f0:
+            break
+        x2 = math.exp(math.log(x1) - f1 * (math.log(x1) - math.log(x0)) / (f1 - f0))
+        x0, f0, x1 = x1, f1, min(max(x2, x1 / 4), x1 * 4, 2 * MAX_NOISE_MULTIPLIER)
+        f1 = f(x1)
+    while f1 > 0 and x1 <= MAX_NOISE_MULTIPLIER:
+        x1 *= 1.01
+        f1 = f(x1)
+    if x1 > MAX_NOISE_MULTIPLIER:
+        raise BudgetSpent(
+            f"budget spent: epsilon {spent:.3f} of the site's {target_epsilon:g} is used; what is left would need "
+            f"a noise multiplier above {MAX_NOISE_MULTIPLIER:g} for {steps} more steps, which drowns the "
+            f"gradients, so the site declines to train"
+        )
+    return x1
+
+
+def load_policy_file(path: str | Path) -> PrivacyConfig:
+    """Read the site operator's own privacy policy (fields of configs/privacy/*.yaml)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"site privacy policy {p} does not exist; copy configs/privacy/site.yaml and set your budget")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PrivacyConfig), OmegaConf.load(p))
+        policy = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"site privacy policy {p}: {exc}") from None
+    assert isinstance(policy, PrivacyConfig)
+    check_policy(policy, str(p))
+    return policy
+
+
+def check_policy(policy: PrivacyConfig, origin: str) -> None:
+    if policy.accountant not in ("prv", "rdp"):
+        raise ConfigError(f"{origin}: 'accountant' is '{policy.accountant}'; allowed: prv, rdp")
+    if policy.target_epsilon <= 0 or not 0 < policy.delta < 1 or policy.max_grad_norm <= 0:
+        raise ConfigError(f"{origin}: target_epsilon and max_grad_norm must be > 0 and delta in (0, 1)")
+
+
+def resolve_policy(node_config: dict[str, Any], proposed: PrivacyConfig, site_dir: str | Path) -> PrivacyConfig:
+    """The policy this site trains under: its own file, else its pinned ledger policy, else the run's proposal.
+
+    DP is on when either the site or the run asks for it: a run can ask a site for DP, and a
+    site that requires DP never trains without it.
+    """
+    if NODE_PRIVACY_CONFIG in node_config:
+        own = load_policy_file(str(node_config[NODE_PRIVACY_CONFIG]))
+        own.enabled = own.enabled or proposed.enabled
+        return own
+    pinned = PrivacyLedger.load(site_dir).policy
+    if pinned:
+        return PrivacyConfig(enabled=proposed.enabled or bool(pinned.get("enabled")), **{k: pinned[k] for k in POLICY_KEYS})
+    return PrivacyConfig(**asdict(proposed))
+
+
+class SitePrivacy:
+    """A site's DP-SGD engine and ledger for one round (see the module docstring for the call order)."""
+
+    def __init__(self, ledger: PrivacyLedger, policy: PrivacyConfig) -> None:
+        self.ledger = ledger
+        self.policy = policy
+        self._plan: RunPlan | None = None
+        self._round: tuple[str, int] | None = None
+        self._engine: PrivacyEngine | None = None
+        self._batch_size = 0
+
+    @classmethod
+    def open(cls, site_dir: str | Path, policy: PrivacyConfig) -> SitePrivacy:
+        """Open the site's ledger; the first policy a site uses is pinned in it."""
+        check_policy(policy, f"privacy policy of site {site_dir}")
+        ledger = PrivacyLedger.load(site_dir)
+        pinned = {k: getattr(policy, k) for k in POLICY_KEYS} | {"enabled": True}
+        if ledger.policy != pinned:
+            if ledger.policy:
+                log.info("site %s: privacy policy changed from %s to %s", site_dir, ledger.policy, pinned)
+            ledger.policy = pinned
+            ledger.save()
+        return cls(ledger, policy)
+
+    # -- budget ---------------------------------------------------------------------------
+    def spent(self) -> float:
+        """Epsilon the site has spent so far, over every run (at the policy's delta)."""
+        return epsilon_of(self.ledger.history, self.policy.delta, self.policy.accountant)
+
+    def check_budget(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Epsilon after ``steps`` more steps; raises BudgetSpent when it would exceed the target."""
+        after = epsilon_of(
+            self.ledger.history + [(noise_multiplier, sample_rate, steps)], self.policy.delta, self.policy.accountant
+        )
+        if after > self.policy.target_epsilon * (1 + EPS_RTOL):
+            raise BudgetSpent(
+                f"budget spent: this round ({steps} steps at noise {noise_multiplier:.3f}) would take the site "
+                f"from epsilon {self.spent():.3f} to {after:.3f}, past its target {self.policy.target_epsilon:g} "
+                f"(delta {self.policy.delta:g}); the site declines to train. See `fedmsk privacy <site_dir>`."
+            )
+        return after
+
+    def begin_round(
+        self, run_id: str, server_round: int, *, planned_rounds: int, local_epochs: int, n_train: int, batch_size: int
+    ) -> RunPlan:
+        """Plan (once per run) and check the budget for this round, before any data is touched."""
+        if n_train < 1:
+            raise ValueError("DP-SGD needs at least one training patient")
+        steps_per_epoch = math.ceil(n_train / batch_size)  # Opacus' Poisson loader: len(loader) steps, rate 1/len
+        sample_rate = 1.0 / steps_per_epoch
+        round_steps = local_epochs * steps_per_epoch
+        plan = self.ledger.plans.get(run_id)
+        if plan is None or plan.sample_rate != sample_rate:
+            planned = max(planned_rounds - server_round + 1, 1) * round_steps
+            sigma = calibrate_noise(
+                self.ledger.history, sample_rate, planned, self.policy.target_epsilon, self.policy.delta, self.policy.accountant
+            )
+            plan = RunPlan(sigma, sample_rate, planned, self.policy.target_epsilon)
+            self.ledger.plans[run_id] = plan
+            self.ledger.save()
+            log.info("run %s: noise multiplier %.3f for %d planned steps (sample rate %.4f)", run_id, sigma, planned, sample_rate)
+        self.check_budget(plan.noise_multiplier, plan.sample_rate, round_steps)
+        self._plan, self._round, self._batch_size = plan, (run_id, server_round), batch_size
+        return plan
+
+    # -- training -------------------------------------------------------------------------
+    def make_private(self, module: nn.Module, optimizer: Optimizer, loader: DataLoader) -> tuple[nn.Module, Optimizer, DataLoader]:
+        """Wrap model, optimizer and loader for DP-SGD; refuse what cannot be made private."""
+        if self._plan is None:
+            raise RuntimeError("SitePrivacy.begin_round must run before make_private (it plans the noise and checks the budget)")
+        criterion = getattr(module, "criterion", None)
+        if criterion is not None and getattr(criterion, "couples_batch", False):
+            raise ConfigError(
+                "the auxiliary loss couples the patients of a batch, which DP-SGD cannot make private; "
+                f"use model.aux_loss one of {DP_SAFE_AUX}"
+            )
+        ModuleValidator.validate(module, strict=True)  # no silent surgery: the model must be DP-ready as built
+        engine = PrivacyEngine(accountant=self.policy.accountant)
+        engine.accountant.history = list(self.ledger.history)
+        module, optimizer, loader = engine.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=self._plan.noise_multiplier,
+            max_grad_norm=self.policy.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=GRAD_SAMPLE_MODE,
+        )
+        if abs(1.0 / len(loader) - self._plan.sample_rate) > 1e-12:
+            raise RuntimeError(f"loader has {len(loader)} batches; the plan assumed sample rate {self._plan.sample_rate}")
+        if self._batch_size > MAX_PHYSICAL_BATCH:
+            loader = wrap_data_loader(data_loader=loader, max_batch_size=MAX_PHYSICAL_BATCH, optimizer=optimizer)
+        self._engine = engine
+        return module, optimizer, loader
+
+    def detach(self, module: nn.Module) -> None:
+        """Remove Opacus' hooks so the plain model can be saved and sent."""
+        close = getattr(module, "_close", None)
+        if close is not None:
+            close()
+
+    def end_round(self) -> dict[str, float]:
+        """Persist the accountant after the round; return the metrics that travel to the server."""
+        if self._engine is None or self._plan is None or self._round is None:
+            raise RuntimeError("end_round without a private round (begin_round + make_private)")
+        before = self.spent()
+        steps_before = self.ledger.steps_taken()
+        self.ledger.history = merge_history(self._engine.accountant.history)
+        steps = self.ledger.steps_taken() - steps_before
+        total = self.spent()
+        run_id, rnd = self._round
+        self.ledger.rounds.append(
+            RoundEntry(run_id, rnd, steps, self._plan.noise_multiplier, self._plan.sample_rate, total - before, total, self.policy.delta)
+        )
+        self.ledger.save()
+        self._engine = None
+        return {"dp": 1.0, "epsilon": total, "delta": self.policy.delta}
+
+
+def budget_report(site_dir: str | Path, policy_file: str | Path | None = None) -> dict[str, Any]:
+    """What `fedmsk privacy <site_dir>` shows: the policy, epsilon per run and round, and what is left.
+
+    Epsilon is recomputed from the ledger's accountant history (not summed from the rounds:
+    epsilons compose sub-additively), at the site's pinned policy or its own policy file.
+    """
+    ledger = PrivacyLedger.load(site_dir)
+    if policy_file is not None:
+        policy = load_policy_file(policy_file)
+    elif ledger.policy:
+        policy = PrivacyConfig(enabled=True, **{k: ledger.policy[k] for k in POLICY_KEYS})
+    else:
+        return {"ledger": str(ledger.path), "policy": None, "spent": 0.0, "left": None, "steps": 0, "runs": []}
+    spent = epsilon_of(ledger.history, policy.delta, policy.accountant)
+    runs: dict[str, dict[str, Any]] = {}
+    for entry in ledger.rounds:
+        run = runs.setdefault(entry.run_id, {"run_id": entry.run_id, "rounds": [], "steps": 0, "epsilon": 0.0})
+        run["rounds"].append(asdict(entry))
+        run["steps"] += entry.steps
+        run["epsilon"] += entry.epsilon_round
+        plan = ledger.plans.get(entry.run_id)
+        run["noise_multiplier"] = plan.noise_multiplier if plan else entry.noise_multiplier
+        run["planned_steps"] = plan.planned_steps if plan else None
+    return {
+        "ledger": str(ledger.path),
+        "policy": {k: getattr(policy, k) for k in POLICY_KEYS},
+        "spent": spent,
+        "left": max(policy.target_epsilon - spent, 0.0),
+        "steps": ledger.steps_taken(),
+        "runs": list(runs.values()),
+    }
