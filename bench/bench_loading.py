@@ -104,6 +104,7 @@ def main() -> None:
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose([f"data_root={tmp}/fed", "num_sites=1", f"synth.patients_per_site=[{args.patients}]", *args.overrides])
+        torch.set_num_threads(cfg.federation.torch_threads)  # as a simulated site runs (2 threads oversubscribe here)
         root = write_federation(cfg)
         site = sorted(p.parent for p in root.glob("*/clinical.csv"))[0]
         j2k = _reencode(site, Path(tmp) / "site_j2k")

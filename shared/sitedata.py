@@ -100,16 +100,18 @@ class _Loader:
 
     def __init__(self, root: Path, task: TaskConfig, progress: Progress | None, use_cache: bool, verify_all: bool) -> None:
         self.root, self.task, self.progress, self.verify_all = root, task, progress, verify_all
+        self.resolved_root = root.resolve()
         self.cache = PreprocessCache(root / CACHE_DIRNAME if use_cache else None, preprocessing_key(task))
         self.issues: list[RecordIssue] = []
         self.headers: dict[str, dict[str, Any]] = {}
         self.keys: dict[str, str] = {}
 
     def rel(self, path: Path) -> str:
-        try:
-            return str(path.resolve().relative_to(self.root.resolve()))
-        except ValueError:
-            return str(path)
+        """The path as the report shows it: relative to the site folder (no resolve(): it is hot)."""
+        for base in (self.root, self.resolved_root):
+            if path.is_relative_to(base):
+                return str(path.relative_to(base))
+        return str(path)
 
     def scan(self) -> dict[str, list[str]]:
         """Read every file's header once; return patient_id -> [relative file] for readable images."""
@@ -129,7 +131,7 @@ class _Loader:
                 if self.progress:
                     self.progress("headers", n, len(files))
             self.headers[rel] = meta
-            pid = manifest.get(path.resolve(), meta["patient_id"])
+            pid = manifest.get(path.resolve(), meta["patient_id"]) if manifest else meta["patient_id"]
             if not pid:
                 self.issues.append(issue("no_patient_id", file=rel, detail="PatientID (0010,0020) is empty"))
                 continue
