@@ -32,7 +32,7 @@ def load_federation(cfg: FedmskConfig, sites: list[Path] | None = None):
 def split_patient_ids(site, cfg: FedmskConfig, split: str) -> list[str]:
     from shared.sitedata import split_indices
 
-    idx = split_indices(site.labels, cfg.task.split, cfg.seed)[split]
+    idx = split_indices(site.labels, cfg.task.split, cfg.seed, groups=site.patient_ids)[split]
     return [site.patient_ids[i] for i in idx]
 
 
