@@ -24,8 +24,9 @@ sarcopenia: low muscle mass together with low strength or slow gait.
 Neither modality sees everything: the table has age, sex, height, weight and BMI but not u;
 the image shows absolute thigh muscle (SMI x height^2, so sex and height confound it), muscle
 density (u) and bone density (age and sex, noisily), but not age itself. A model that fuses
-both beats either alone; scratch experiments with logistic regression on ~600 patients gave
-the figures in the README.
+both beats either alone. Measured with cross-validated logistic regression on ~600 patients
+(seed 0; clinical = age, sex, height, weight, BMI; image = 16x16 mean-pooled display pixels):
+clinical 0.84, image 0.84, both 0.94, oracle 0.95 (seed 1: 0.84 / 0.81 / 0.93 / 0.95).
 
 Sites differ the way hospitals do: size, prevalence, population (age and BMI shift), sex
 spelling in the CSV, and scanner (CR or DX, MONOCHROME1 or MONOCHROME2, 10/12/16 stored bits,
@@ -112,7 +113,7 @@ _SCANNERS = [
 
 
 def site_name(index: int) -> str:
-    """site_a, site_b, ..., site_z, site_aa, ...: sorted order equals generation order."""
+    """site_a ... site_z, then site_zaa, site_zab, ...: sorted order equals generation order."""
     letters = ""
     n = index
     while True:
@@ -467,7 +468,7 @@ def write_federation(cfg: FedmskConfig, advance: Callable[[], None] | None = Non
     is written beside data_root and swapped in at the end, so an interrupted run never leaves
     a half-written federation where the old one was. ``advance`` is called once per image.
     """
-    root = Path(cfg.data_root)
+    root = Path(cfg.data_root).resolve()
     specs = site_specs(cfg)
     _prepare_root(root)
     tmp = root.with_name(root.name + ".synth-tmp")
