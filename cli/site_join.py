@@ -15,6 +15,8 @@ def _join_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="the site bundle folder from your coordinator (or its join.yaml)")
     p.add_argument("--data-dir", default=None, help="override site.yaml's data_dir")
     p.add_argument("--device", default=None, help="override site.yaml's device (cpu, cuda, cuda:N)")
+    p.add_argument("--runtime-port", type=int, default=None,
+                   help="override join.yaml's runtime_port (several sites on one machine need different ports)")
 
 
 def _join(args: argparse.Namespace) -> int:
@@ -22,7 +24,7 @@ def _join(args: argparse.Namespace) -> int:
 
     console = Console()
     settings = load_join(args.bundle)
-    node = SiteNode(settings, data_dir=args.data_dir, device=args.device)
+    node = SiteNode(settings, data_dir=args.data_dir, device=args.device, runtime_port=args.runtime_port)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     node.start()
     console.print(f"site '{settings.site}' joining {settings.superlink}; logs in {node.state_dir / 'logs'}")

@@ -138,6 +138,12 @@ def _approving_executor(approved: Path):
     from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 
     class ApprovingExecutor(SubprocessExecutor):
+        children: list[subprocess.Popen] = []
+
+        def reconcile(self) -> None:
+            """Reap finished ClientApp processes (called by the SuperExec loop) so none linger as zombies."""
+            self.children = [p for p in self.children if p.poll() is None]
+
         def launch(self, spec):  # type: ignore[no-untyped-def]
             if spec.task_type != TaskType.CLIENT_APP:
                 return super().launch(spec)
@@ -151,7 +157,7 @@ def _approving_executor(approved: Path):
                 args += ["--parent-pid", str(spec.parent_pid)]
             if spec.runtime_dependency_install:
                 args.append("--allow-runtime-dependency-installation")
-            subprocess.Popen(args)  # noqa: S603 - our own interpreter and module
+            self.children.append(subprocess.Popen(args))  # noqa: S603 - our own interpreter and module
             return LaunchResult.accepted()
 
     return ApprovingExecutor()

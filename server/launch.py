@@ -66,6 +66,40 @@ def overrides_config(overrides: list[str]) -> str:
     return "overrides=" + json.dumps(" ".join(shlex.quote(o) for o in overrides))
 
 
+class RunWatcher:
+    """Reads a run's status through Flower's own Control API client, in process.
+
+    Polling with `flwr ls` would start a Python interpreter every few seconds, which on a small
+    coordinator machine costs more CPU than the run's own ServerApp.
+    """
+
+    def __init__(self, consortium: Consortium, local_address: str) -> None:
+        from flwr.cli.typing import SuperLinkConnection
+        from flwr.cli.utils import init_http_client_from_connection
+
+        conn = SuperLinkConnection(name=CONNECTION, address=local_address, root_certificates=str(consortium.ca_cert))
+        self.client = init_http_client_from_connection(conn)
+
+    def status(self, run_id: str) -> tuple[str, str]:
+        """(status as `flwr ls` prints it, e.g. finished:completed; the build's SHA-256)."""
+        from flwr.common.serde import run_from_proto
+        from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=no-name-in-module
+
+        res = self.client.ListRuns(ListRunsRequest(run_id=int(run_id)))
+        run = run_from_proto(next(iter(res.run_dict.values())))
+        status = f"{run.status.status}:{run.status.sub_status}" if run.status.sub_status else run.status.status
+        return status, run.fab_hash
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _local_address(home: Path) -> str:
+    import tomllib
+
+    return tomllib.loads((home / "config.toml").read_text())["superlink"][CONNECTION]["address"]
+
+
 def launch(
     consortium: Consortium,
     overrides: list[str],
@@ -102,10 +136,10 @@ def launch(
         )
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     status, fab_hash = "pending", ""
+    watcher = RunWatcher(consortium, _local_address(home))
     try:
         while True:
-            run = flwr_cli(home, "ls", CONNECTION, "--run-id", run_id)["runs"][0]
-            status, fab_hash = run["status"], run.get("fab-hash", "")
+            status, fab_hash = watcher.status(run_id)
             if status.startswith("finished"):
                 break
             if deadline is not None and time.monotonic() > deadline:
@@ -113,6 +147,7 @@ def launch(
                 raise ProvisionError(f"run {run_id} did not finish within {timeout_s:.0f} s; stopped it")
             time.sleep(poll_s)
     finally:
+        watcher.close()
         if log_proc is not None:
             try:
                 log_proc.wait(timeout=10)

@@ -107,8 +107,9 @@ def test_refused_supernodes_say_why(fed, tmp_path):
 
 def test_two_round_run_through_fedmsk_launch_writes_a_model(fed, tmp_path, capsys):
     run_dir = tmp_path / "run"
+    # evaluation rounds off: each exchange starts a fresh ClientApp process per site (~10 s of CPU)
     code = fedmsk(["launch", "--dir", str(fed.consortium.root), "--app", str(fed.fedmsk_app),
-                   *TINY, "rounds=2", f"run_dir={run_dir}"])
+                   *TINY, "rounds=2", "strategy.fraction_evaluate=0.0", f"run_dir={run_dir}"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     assert "finished:completed" in out
