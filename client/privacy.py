@@ -305,3 +305,19 @@ def budget_report(site_dir: str | Path, policy_file: str | Path | None = None) -
         "steps": ledger.steps_taken(),
         "runs": list(runs.values()),
     }
+
+
+# -- client-level DP (DP-FedAvg): the accounting the server-side wrapper needs -----------------
+def client_level_noise(target_epsilon: float, delta: float, rounds: int) -> float:
+    """Noise multiplier for DP-FedAvg with every site in every round (no sampling amplification).
+
+    Each round releases one Gaussian-noised average of clipped site updates, i.e. one step at
+    sample rate 1 of the same mechanism DP-SGD composes, so Opacus' RDP accountant does the
+    accounting. Use with ``server.strategy.with_client_level_dp``.
+    """
+    return calibrate_noise([], 1.0, rounds, target_epsilon, delta, "rdp")
+
+
+def client_level_epsilon(noise_multiplier: float, delta: float, rounds: int) -> float:
+    """Client-level epsilon after ``rounds`` DP-FedAvg rounds with every site taking part."""
+    return epsilon_of([(noise_multiplier, 1.0, rounds)], delta, "rdp")

@@ -50,6 +50,18 @@ def _fedavg(cfg: StrategyConfig) -> Strategy:
     )
 
 
+def with_client_level_dp(strategy: Strategy, *, noise_multiplier: float, clipping_norm: float, num_sites: int) -> Strategy:
+    """Client-level DP (DP-FedAvg): clip each site's update to ``clipping_norm``, add Gaussian noise
+    of std ``noise_multiplier * clipping_norm / num_sites`` to the average (Flower's
+    DifferentialPrivacyServerSideFixedClipping). The noise assumes an unweighted mean over sites:
+    wrap a FedAvg whose weights are equal. Noise and epsilon: client.privacy.client_level_noise /
+    client_level_epsilon (every site every round, RDP).
+    """
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+    return DifferentialPrivacyServerSideFixedClipping(strategy, noise_multiplier, clipping_norm, num_sites)
+
+
 STRATEGIES: dict[str, Callable[[StrategyConfig], Strategy]] = {"fedavg": _fedavg}
 
 

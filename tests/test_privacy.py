@@ -248,3 +248,16 @@ def test_privacy_report_and_cli(trained_site: Path, tmp_path: Path, capsys: pyte
     assert main(["privacy", str(trained_site)]) == 0
     out = capsys.readouterr().out
     assert "run-a" in out and "left" in out
+
+
+def test_client_level_dp_noise_meets_its_target() -> None:
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+
+    from client.privacy import client_level_epsilon, client_level_noise
+    from server.strategy import with_client_level_dp
+
+    sigma = client_level_noise(target_epsilon=8.0, delta=1e-3, rounds=5)
+    assert 0.97 * 8.0 < client_level_epsilon(sigma, 1e-3, 5) <= 8.0 * 1.001
+    assert client_level_epsilon(sigma, 1e-3, 10) > 8.0  # more rounds than planned overspend
+    wrapped = with_client_level_dp(FedAvg(), noise_multiplier=sigma, clipping_norm=1.0, num_sites=5)
+    assert isinstance(wrapped, DifferentialPrivacyServerSideFixedClipping) and wrapped.noise_multiplier == sigma
