@@ -38,8 +38,8 @@ def _certs_args(p: argparse.ArgumentParser) -> None:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from server.provision import Consortium
-    from server.superlink import flwr_home, node_states, revoke_site
+    from server.provision import Consortium, ProvisionError
+    from server.superlink import flwr_home, node_states, revoke_site, sync_site_keys
 
     console = Console()
     c = Consortium(args.dir)
@@ -51,7 +51,14 @@ def _certs(args: argparse.Namespace) -> int:
         bundle = c.add_site(args.name, rotate=args.rotate)
         console.print(f"site '{args.name}' key {c.site(args.name).fingerprint}")
         console.print(f"send the folder {bundle} to the hospital over a trusted channel, then delete it here.")
-        console.print("a running `fedmsk server` registers the key at its next start (or restart it now).")
+        if (flwr_home(c) / "config.toml").is_file():
+            try:  # a running server registers the key now
+                for change in sync_site_keys(c, flwr_home(c)):
+                    console.print(change)
+                return 0
+            except ProvisionError:
+                pass
+        console.print("`fedmsk server` registers the key when it starts.")
     elif args.action == "revoke":
         console.print(revoke_site(c, args.name, flwr_home(c)))
     else:
@@ -99,7 +106,7 @@ def _server(args: argparse.Namespace) -> int:
             console.print(change)
         console.print(f"SuperLink on 127.0.0.1:{args.local_port} (Control API, this machine only); "
                       f"sites connect to {c.info().public_address}")
-        console.print(f"Flower CLI: FLWR_HOME={srv.home} flwr ls fedmsk   |   submit: fedmsk launch --dir {args.dir}")
+        console.print(f"Flower CLI: FLWR_HOME={srv.home} flwr ls consortium   |   submit: fedmsk launch --dir {args.dir}")
         try:
             while srv.superlink.alive() and (srv.gateway is None or srv.gateway.alive()):
                 time.sleep(1)

@@ -132,7 +132,7 @@ def launch(
         exe = Path(sys.executable).with_name("flwr")
         log_proc = subprocess.Popen(  # noqa: S603
             [str(exe) if exe.exists() else "flwr", "log", run_id, CONNECTION, "--stream"], env=flwr_env(home),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, cwd=home,
         )
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     status, fab_hash = "pending", ""

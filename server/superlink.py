@@ -26,7 +26,7 @@ from pathlib import Path
 
 from server.provision import Consortium, ProvisionError
 
-CONNECTION = "fedmsk"
+CONNECTION = "consortium"  # not "fedmsk": Flower reads a same-named folder holding a pyproject.toml as an app path
 DEFAULT_LOCAL_PORT = 9093
 
 
@@ -126,7 +126,9 @@ def flwr_cli(home: Path, *args: str, timeout: float = 120.0) -> dict:
     """Run a `flwr` command with ``--format json`` against the coordinator's connection."""
     exe = Path(sys.executable).with_name("flwr")
     cmd = [str(exe) if exe.exists() else "flwr", *args, "--format", "json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=flwr_env(home), timeout=timeout)  # noqa: S603
+    # cwd=home: Flower takes a connection name that is also a folder with a pyproject.toml in the
+    # current directory (e.g. a `fedmsk` checkout) for an app path ("legacy usage").
+    out = subprocess.run(cmd, capture_output=True, text=True, env=flwr_env(home), timeout=timeout, cwd=home)  # noqa: S603
     text = out.stdout.strip()
     start = text.find("{")
     try:

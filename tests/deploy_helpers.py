@@ -17,7 +17,7 @@ from client.approval import ApprovedBuilds
 from client.join import SiteNode, load_join
 from server.gateway import find_nginx
 from server.provision import Consortium
-from server.superlink import CoordinatorServer, flwr_cli, node_states
+from server.superlink import CONNECTION, CoordinatorServer, flwr_cli, node_states
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -172,8 +172,9 @@ class LocalFederation:
 
         from server.superlink import flwr_env
 
-        out = subprocess.run([str(Path(sys.executable).with_name("flwr")), "log", run_id, "fedmsk", "--show"],
-                             capture_output=True, text=True, env=flwr_env(self.server.home), timeout=60)
+        out = subprocess.run([str(Path(sys.executable).with_name("flwr")), "log", run_id, CONNECTION, "--show"],
+                             capture_output=True, text=True, env=flwr_env(self.server.home), timeout=60,
+                             cwd=self.server.home)
         return out.stdout + out.stderr
 
     def flwr(self, *args: str) -> dict:
