@@ -132,12 +132,37 @@ class InfoNCEBank(AuxLoss):
         return 0.5 * (terms[0] + terms[1])
 
 
+class ViewContrast(AuxLoss):
+    """Two views of the same patient (the model's image and an in-model augmented copy) pulled
+    together against the fixed non-private bank: the positive is the patient's own other view,
+    the negatives hold no patient data, so the term is per-sample (DP-safe).
+    """
+
+    needs = frozenset({"proj_views"})
+
+    def __init__(self, temperature: float, dim: int) -> None:
+        super().__init__()
+        self.temperature = temperature
+        gen = torch.Generator().manual_seed(BANK_SEED)
+        self.register_buffer("bank", F.normalize(torch.randn(BANK_SIZE, dim, generator=gen), dim=-1))
+
+    def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        views = outputs["proj_views"]  # [B, 2, P], L2-normalised
+        a, b = views[:, 0], views[:, 1]
+        bank: torch.Tensor = self.bank  # type: ignore[assignment]
+        pos = (a * b).sum(dim=-1, keepdim=True)
+        target = torch.zeros(a.shape[0], dtype=torch.long, device=a.device)
+        terms = [F.cross_entropy(torch.cat([pos, z @ bank.t()], dim=1) / self.temperature, target) for z in (a, b)]
+        return 0.5 * (terms[0] + terms[1])
+
+
 AUX_LOSSES: dict[str, type[AuxLoss]] = {
     "none": NoAux,
     "supcon": SupCon,
     "infonce": InfoNCE,
     "prototype": Prototype,
     "infonce_bank": InfoNCEBank,
+    "views": ViewContrast,
 }
 DP_SAFE_AUX = sorted(k for k, v in AUX_LOSSES.items() if not v.couples_batch)
 
@@ -188,8 +213,9 @@ def check_dp_safe(cfg: FedmskConfig) -> None:
             f"patient against the other patients in the batch, so one patient's gradient depends on the others "
             f"and DP-SGD's per-patient clipping no longer bounds that patient's influence (the privacy guarantee "
             f"would silently not hold). Use a per-sample loss: model.aux_loss=prototype (supervised contrast "
-            f"against class prototypes) or model.aux_loss=infonce_bank (image<->clinical against a fixed "
-            f"non-private bank), or model.aux_weight=0."
+            f"against class prototypes), model.aux_loss=infonce_bank (image<->clinical against a fixed "
+            f"non-private bank), model.aux_loss=views (two views of the same patient against that bank), "
+            f"or model.aux_weight=0."
         )
 
 
@@ -204,6 +230,8 @@ def build_criterion(cfg: FedmskConfig) -> Criterion:
     aux: AuxLoss
     if cls is InfoNCEBank:
         aux = InfoNCEBank(m.temperature, m.embed_dim)
+    elif cls is ViewContrast:
+        aux = ViewContrast(m.temperature, m.proj_dim)
     elif cls in (SupCon, InfoNCE):
         aux = cls(m.temperature)  # type: ignore[call-arg]
     else:

@@ -28,6 +28,7 @@ def fake_outputs(seed: int = 0) -> dict[str, torch.Tensor]:
         "z_clinical": torch.randn(B, D, generator=g),
         "proj": F.normalize(torch.randn(B, P, generator=g), dim=-1),
         "proto_logits": torch.randn(B, 2, generator=g),
+        "proj_views": F.normalize(torch.randn(B, 2, P, generator=g), dim=-1),
     }
 
 
@@ -81,6 +82,14 @@ def test_image_clinical_contrast_rewards_matching_pairs(aux: str) -> None:
     assert crit(aligned, LABELS) < crit(mismatched, LABELS)
 
 
+def test_view_contrast_rewards_agreeing_views() -> None:
+    crit = build_criterion(make_cfg("views")).aux
+    a = F.normalize(torch.randn(B, P), dim=-1)
+    agree = torch.stack([a, F.normalize(a + 0.05 * torch.randn(B, P), dim=-1)], dim=1)
+    disagree = torch.stack([a, F.normalize(torch.randn(B, P), dim=-1)], dim=1)
+    assert crit({"proj_views": agree}, LABELS) < crit({"proj_views": disagree}, LABELS)
+
+
 def test_bank_is_fixed_and_public() -> None:
     """Every site builds the same bank from a fixed seed; it is a buffer, never trained."""
     a, b = build_criterion(make_cfg("infonce_bank")).aux, build_criterion(make_cfg("infonce_bank")).aux
@@ -108,6 +117,6 @@ def test_batch_coupled_loss_with_dp_is_refused(aux: str) -> None:
 
 
 def test_dp_safe_losses_are_accepted_with_dp() -> None:
-    assert set(DP_SAFE_AUX) == {"none", "prototype", "infonce_bank"}
+    assert set(DP_SAFE_AUX) == {"none", "prototype", "infonce_bank", "views"}
     for aux in DP_SAFE_AUX:
         assert not build_criterion(make_cfg(aux, dp=True)).couples_batch

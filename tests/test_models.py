@@ -19,7 +19,9 @@ CASES = [
     ("mmcl", "supcon"),
     ("mmcl", "prototype"),
     ("mmcl", "infonce_bank"),
+    ("mmcl", "views"),
     ("image_only", "prototype"),
+    ("image_only", "views"),
     ("clinical_only", "supcon"),
     ("logreg", "none"),
     ("late_fusion", "none"),
@@ -56,6 +58,9 @@ def test_forward_backward_shapes_and_gradients(name: str, aux: str) -> None:
         assert torch.allclose(out["proj"].norm(dim=-1), torch.ones(6), atol=1e-5)
     if aux == "prototype":
         assert out["proto_logits"].shape == (6, 2)
+    if aux == "views":
+        assert out["proj_views"].shape == (6, 2, cfg.model.proj_dim)
+        assert not torch.allclose(out["proj_views"][:, 0], out["proj_views"][:, 1])  # two different views
     loss = sum(v.float().pow(2).mean() for v in out.values() if v is not None)
     loss.backward()
     for pname, p in model.named_parameters():

@@ -156,6 +156,22 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.net(x), dim=-1)
 
 
+class ViewAugment(nn.Module):
+    """A second view of each image, drawn inside the model: random flip, intensity scale, noise.
+
+    Every random draw is per sample, so a patient's view depends on that patient's image alone
+    (the view contrast stays per-sample, DP-safe). No parameters; runs in eval mode too, where it
+    only feeds the auxiliary loss value, never the logits.
+    """
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        shape = (image.shape[0],) + (1,) * (image.dim() - 1)
+        flip = torch.rand(shape, device=image.device) < 0.5
+        view = torch.where(flip, image.flip(-1), image)
+        scale = 1.0 + 0.2 * (torch.rand(shape, device=image.device) - 0.5)
+        return view * scale + 0.03 * torch.randn_like(image)
+
+
 class PrototypeHead(nn.Module):
     """Cosine similarity of a projection to learnable class prototypes, divided by a temperature.
 

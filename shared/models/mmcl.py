@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from shared.models.blocks import ClinicalEncoder, ImageEncoder
-from shared.models.spec import AuxHeads, ModelSpec
+from shared.models.spec import AuxHeads, ModelSpec, ViewHeads
 
 
 def _image_encoder(spec: ModelSpec) -> ImageEncoder:
@@ -25,7 +25,7 @@ def _image_encoder(spec: ModelSpec) -> ImageEncoder:
 class MMCL(nn.Module):
     """Visual-clinical fusion model; outputs logits, CAM logits, both embeddings and aux heads."""
 
-    provides = frozenset({"z_image", "z_clinical", "proj", "proto_logits"})
+    provides = frozenset({"z_image", "z_clinical", "proj", "proto_logits", "proj_views"})
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -36,6 +36,7 @@ class MMCL(nn.Module):
         self.dropout = nn.Dropout(m.dropout)
         self.classifier = nn.Linear(m.embed_dim, spec.n_classes)
         self.aux = AuxHeads(spec, m.embed_dim)
+        self.views = ViewHeads(spec) if "proj_views" in spec.outputs else None
 
     def forward(self, image: torch.Tensor, clinical: torch.Tensor) -> dict[str, torch.Tensor]:
         z_image, cam_logits = self.image(image)
@@ -49,13 +50,15 @@ class MMCL(nn.Module):
             "z_clinical": z_clinical,
         }
         out.update(self.aux(fused))
+        if self.views is not None:
+            out["proj_views"] = self.views(z_image, self.image(self.views.augment(image))[0])
         return out
 
 
 class ImageOnly(nn.Module):
     """The MM-CL image branch alone: what the radiograph can tell without clinical data."""
 
-    provides = frozenset({"z_image", "proj", "proto_logits"})
+    provides = frozenset({"z_image", "proj", "proto_logits", "proj_views"})
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -63,9 +66,12 @@ class ImageOnly(nn.Module):
         self.dropout = nn.Dropout(spec.model.dropout)
         self.classifier = nn.Linear(spec.model.embed_dim, spec.n_classes)
         self.aux = AuxHeads(spec, spec.model.embed_dim)
+        self.views = ViewHeads(spec) if "proj_views" in spec.outputs else None
 
     def forward(self, image: torch.Tensor, clinical: torch.Tensor) -> dict[str, torch.Tensor]:
         z_image, cam_logits = self.image(image)
         out = {"logits": self.classifier(self.dropout(z_image)), "logits_cam": cam_logits, "z_image": z_image}
         out.update(self.aux(z_image))
+        if self.views is not None:
+            out["proj_views"] = self.views(z_image, self.image(self.views.augment(image))[0])
         return out

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from shared.config import ModelConfig
-from shared.models.blocks import ProjectionHead, PrototypeHead
+from shared.models.blocks import ProjectionHead, PrototypeHead, ViewAugment
 
 
 @dataclass(frozen=True)
@@ -48,3 +48,20 @@ class AuxHeads(nn.Module):
             if self.proto is not None:
                 out["proto_logits"] = self.proto(out["proj"])
         return out
+
+
+class ViewHeads(nn.Module):
+    """Two views of the same patient for the view contrast: the model's image embedding and the
+    embedding of an in-model augmented copy (``ViewAugment``), projected by one shared head.
+
+    The model calls ``augment`` and its own image encoder a second time; Opacus sums a module's
+    per-sample gradients over repeated calls, so each patient still has one clipped gradient.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.augment = ViewAugment()
+        self.proj = ProjectionHead(spec.model.embed_dim, spec.model.proj_dim)
+
+    def forward(self, z_image: torch.Tensor, z_view: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.proj(z_image), self.proj(z_view)], dim=1)  # [B, 2, P]
