@@ -6,7 +6,8 @@ site's own settings). It starts two Flower processes and keeps them together:
 
 - ``flower-supernode`` with TLS (``--root-certificates ca.crt``), the site's key
   (``--auth-supernode-private-key``), ``--isolation process`` and the node config the
-  ClientApp reads (``site-name``, ``site-config`` and optionally ``data-dir`` / ``device``);
+  ClientApp reads (``site-name``, ``site-config``, ``privacy-config`` and optionally
+  ``data-dir`` / ``device``);
 - the executor, Flower's ``flower-superexec`` wrapped by client/approval.py so that only app
   builds approved at this site are installed and run.
 
@@ -50,6 +51,7 @@ class JoinSettings:
     ca_certificate: Path
     private_key: Path
     site_config: Path
+    privacy_policy: Path | None
     runtime_port: int
     approved_builds: Path
     folder: Path
@@ -66,7 +68,7 @@ def load_join(path: str | Path) -> JoinSettings:
     missing = [k for k in need if not raw.get(k)]
     if missing:
         raise ConfigError(f"{file}: missing {', '.join(missing)}; re-issue the bundle with `fedmsk certs add-site`")
-    unknown = set(raw) - {*need, "runtime_port", "approved_builds"}
+    unknown = set(raw) - {*need, "runtime_port", "approved_builds", "privacy_policy"}
     if unknown:
         raise ConfigError(f"{file}: unknown keys {sorted(unknown)}")
     folder = file.parent
@@ -77,11 +79,12 @@ def load_join(path: str | Path) -> JoinSettings:
     settings = JoinSettings(
         site=str(raw["site"]), superlink=str(raw["superlink"]),
         ca_certificate=resolve("ca_certificate"), private_key=resolve("private_key"), site_config=resolve("site_config"),
+        privacy_policy=resolve("privacy_policy") if raw.get("privacy_policy") else None,
         runtime_port=int(raw.get("runtime_port") or 9094), approved_builds=resolve("approved_builds", "approved-builds.json"),
         folder=folder,
     )
-    for key in ("ca_certificate", "private_key", "site_config"):
-        if not getattr(settings, key).is_file():
+    for key in ("ca_certificate", "private_key", "site_config", "privacy_policy"):
+        if getattr(settings, key) is not None and not getattr(settings, key).is_file():
             raise ConfigError(f"{file}: {key} '{getattr(settings, key)}' does not exist")
     mode = settings.private_key.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -98,6 +101,11 @@ def node_config(settings: JoinSettings, data_dir: str | None = None, device: str
     if not (Path(data) / "clinical.csv").is_file():
         raise ConfigError(f"{settings.site_config}: data_dir '{data}' holds no clinical.csv; check the path (`fedmsk check {data}`)")
     pairs = {"site-name": settings.site, "site-config": str(settings.site_config)}
+    if settings.privacy_policy is not None:
+        from client.privacy import NODE_PRIVACY_CONFIG, load_policy_file
+
+        load_policy_file(settings.privacy_policy)  # a broken policy fails here, not at round 1
+        pairs[NODE_PRIVACY_CONFIG] = str(settings.privacy_policy)
     if data_dir:
         pairs["data-dir"] = str(Path(data_dir).resolve())
     if device:

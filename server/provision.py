@@ -247,6 +247,7 @@ class Consortium:
         shutil.copyfile(self.ca_cert, bundle / "ca.crt")
         (bundle / "join.yaml").write_text(self._join_yaml(name))
         (bundle / "site.yaml").write_text(self._site_yaml(name))
+        (bundle / "privacy.yaml").write_text(self._privacy_yaml())
 
         sites[name] = SiteRecord(
             name=name,
@@ -267,6 +268,7 @@ class Consortium:
             "ca_certificate: ca.crt              # verifies the server's TLS certificate\n"
             "private_key: site.key               # this site's identity; keep it 0600, never share it\n"
             "site_config: site.yaml              # your own settings; they win over the server's\n"
+            "privacy_policy: privacy.yaml        # your privacy budget; wins over what a run proposes\n"
             "runtime_port: 9094                  # local port between the SuperNode and its executor\n"
             "approved_builds: approved-builds.json  # app builds you approved (`fedmsk approve`)\n"
         )
@@ -294,6 +296,21 @@ class Consortium:
                 value = json.dumps(getattr(defaults, f.name))
             lines.append(f"{f.name}: {value}")
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _privacy_yaml() -> str:
+        """The site's own DP policy, from the consortium's template (configs/privacy/site.yaml)."""
+        from shared.config import CONFIG_DIR
+
+        template = CONFIG_DIR / "privacy" / "site.yaml"
+        if not template.is_file():
+            raise ProvisionError(f"{template} is missing: the site privacy policy template ships with fedmsk's configs/")
+        body = [line for line in template.read_text().splitlines() if not line.startswith("#")]
+        return (
+            "# Your site's differential-privacy policy: the ClientApp trains under it whatever a run proposes.\n"
+            "# target_epsilon is the total budget over every round of every run; `fedmsk privacy` shows the spend.\n"
+            + "\n".join(body) + "\n"
+        )
 
     def mark_registered(self, name: str, node_id: int) -> None:
         sites = self.sites()

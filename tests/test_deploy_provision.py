@@ -47,7 +47,7 @@ def test_site_bundle_holds_only_its_own_key_in_flowers_format(consortium):
     files_a = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in a.iterdir()}
     b = consortium.add_site("site_b")
 
-    assert sorted(files_a) == ["ca.crt", "join.yaml", "site.key", "site.pub", "site.yaml"]
+    assert sorted(files_a) == ["ca.crt", "join.yaml", "privacy.yaml", "site.key", "site.pub", "site.yaml"]
     # adding site_b reissued nothing of site_a's
     assert files_a == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in a.iterdir()}
     assert stat.S_IMODE((a / "site.key").stat().st_mode) == 0o600
@@ -90,7 +90,10 @@ def test_join_refuses_a_shared_key_and_an_unedited_data_folder(consortium, tmp_p
     data = tmp_path / "data"
     data.mkdir()
     (data / "clinical.csv").write_text("patient_id\n")
-    assert 'data-dir="' in node_config(settings, data_dir=str(data))
+    config = node_config(settings, data_dir=str(data))
+    # the ClientApp reads the site's own settings and privacy policy from these node-config keys
+    assert f'site-config="{settings.site_config}"' in config and f'privacy-config="{settings.privacy_policy}"' in config
+    assert f'data-dir="{data}"' in config
     os.chmod(bundle / "site.key", 0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         load_join(bundle)
