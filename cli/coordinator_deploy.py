@@ -100,7 +100,7 @@ def _server(args: argparse.Namespace) -> int:
     console = Console()
     c = Consortium(args.dir)
     srv = CoordinatorServer(c, local_port=args.local_port, bind_host=args.bind, gateway=not args.no_gateway)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the children like Ctrl-C does
     with srv:
         for change in srv.changes:
             console.print(change)
@@ -137,6 +137,10 @@ def _launch(args: argparse.Namespace) -> int:
     colour = "green" if result.ok else "red"
     console.print(f"[{colour}]run {result.run_id}: {result.status}[/] (app build {result.fab_hash}); run folder {result.run_dir}")
     return 0 if result.ok else 1
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 VERBS = [

@@ -25,7 +25,7 @@ def _join(args: argparse.Namespace) -> int:
     console = Console()
     settings = load_join(args.bundle)
     node = SiteNode(settings, data_dir=args.data_dir, device=args.device, runtime_port=args.runtime_port)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the children like Ctrl-C does
     node.start()
     console.print(f"site '{settings.site}' joining {settings.superlink}; logs in {node.state_dir / 'logs'}")
     console.print(f"approved app builds: {settings.approved_builds} (add with `fedmsk approve`)")
@@ -57,6 +57,10 @@ def _approve(args: argparse.Namespace) -> int:
     console.print(f"approved app build sha256={entry.sha256} {entry.fab_id} (from {entry.source})")
     console.print("this site now runs exactly this build; any other build is refused with a log line naming its hash")
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 VERBS = [
