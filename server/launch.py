@@ -120,8 +120,8 @@ def launch(
         overrides.append(f"run_dir={run_dir}")
     else:
         run_dir = Path(next(o for o in overrides if o.startswith("run_dir=")).split("=", 1)[1])
-    if app == default_app_dir():
-        compose(overrides)  # fail here, not in the ServerApp, on a wrong key or value
+    if (app / "configs" / "config.yaml").is_file():  # a fedmsk app: fail here, not in the ServerApp, on a wrong key
+        compose(overrides, config_dir=app / "configs")
     home = flwr_home(consortium)
     started = flwr_cli(home, "run", str(app), CONNECTION, "--run-config", overrides_config(overrides), timeout=300)
     run_id = str(started["run-id"])
