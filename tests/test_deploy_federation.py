@@ -33,6 +33,7 @@ TINY = [
     "model.width=8",
     "model.embed_dim=32",
     "model.proj_dim=16",
+    "model.aux_loss=prototype",  # per-sample: the sites' own privacy policy (DP on) refuses batch-coupled losses
     "strategy.min_train_nodes=2",
     "strategy.min_evaluate_nodes=2",
     "strategy.min_available_nodes=2",
@@ -115,7 +116,10 @@ def test_two_round_run_through_fedmsk_launch_writes_a_model(fed, tmp_path, capsy
     assert "finished:completed" in out
     assert (run_dir / "final_model.pt").is_file() and (run_dir / "checkpoints" / "round_0002.pt").is_file()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert {r["site"] for r in rows if r["phase"] == "train" and r["site"] != "global"} == set(SITES)
+    trained = [r for r in rows if r["phase"] == "train" and r["site"] != "global"]
+    assert {r["site"] for r in trained} == set(SITES)
+    # each site trained under its own bundle policy (DP on), whatever the run proposed (privacy off)
+    assert all(r["dp"] == 1.0 and 0 < r["epsilon"] <= 8.0 for r in trained)
 
 
 def test_a_site_refuses_an_unapproved_build_and_the_round_goes_on(fed, tmp_path):

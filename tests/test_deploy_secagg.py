@@ -59,6 +59,7 @@ def test_plan_refuses_fewer_than_three_sites_and_too_many_dropouts():
     assert plan.clipping_range([np.array([0.3, -0.7])]) == pytest.approx(2.8)
 
 
+@pytest.mark.deploy
 def test_server_sees_only_masked_updates_and_the_sum_matches_fedavg(tmp_path):
     from flwr.simulation import run_simulation
 
