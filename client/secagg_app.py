@@ -28,7 +28,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from client.app import app as message_app
 from client.app import run_evaluate, run_train
 from shared.config import FedmskConfig, from_yaml
-from shared.messages import EVAL_METRIC_KEYS, JOB_KEY, METRICS, NUM_EXAMPLES, SPLIT_KEY, TRAIN_METRIC_KEYS, site_reply
+from shared.messages import (
+    EVAL_METRIC_KEYS, JOB_KEY, METRICS, NUM_EXAMPLES, RUN_ID_KEY, SPLIT_KEY, TRAIN_METRIC_KEYS, site_reply,
+)
 
 # Keys of legacy records (flwr.compat.common.recorddict_compat) that mark a legacy message.
 _LEGACY_PREFIXES = ("fitins", "evaluateins", "getparametersins", "getpropertiesins")
@@ -76,7 +78,8 @@ class SiteNumPyClient(NumPyClient):
     def fit(self, parameters, config):  # type: ignore[no-untyped-def]
         job = str(config[JOB_KEY])
         weights = to_state(parameters, job)
-        site, state, metrics = run_train(self.node_config, job, weights, int(config["server-round"]))
+        run_id = str(config.get(RUN_ID_KEY, ""))  # the privacy ledger books the spend per run
+        site, state, metrics = run_train(self.node_config, job, weights, int(config["server-round"]), run_id)
         # the same whitelist as the Message-API reply; raises on anything else
         checked = dict(site_reply(site_name=site.name, metrics=metrics, allowed=TRAIN_METRIC_KEYS,
                                   state=state, expected_keys=set(weights))[METRICS])
