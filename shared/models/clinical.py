@@ -37,6 +37,10 @@ class LogReg(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.linear = nn.Linear(spec.n_clinical, spec.n_classes)
+        # Start from the all-equal prediction, as a fitted-from-scratch logistic regression
+        # does: a random start can rank patients backwards for the first hundred steps.
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
 
     def forward(self, image: torch.Tensor, clinical: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"logits": self.linear(clinical)}
