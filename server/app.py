@@ -30,6 +30,11 @@ def make_server_app(cfg: FedmskConfig | None = None, run_dir: Path | None = None
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or compose(shlex.split(str(context.run_config.get("overrides", ""))))
         folder = run_dir or default_run_dir(run_cfg, "federation")
+        if run_cfg.federation.secure_aggregation:
+            from server.secagg import run_secure_federation
+
+            run_secure_federation(grid, context, run_cfg, folder, run_cfg.federation.secagg_max_dropouts)
+            return
         arrays, recorder = run_federation(grid, run_cfg, folder, on_progress)
         extra = on_finish(arrays, recorder) if on_finish else None
         recorder.finish(arrays, extra)

@@ -112,6 +112,8 @@ class FederationConfig:
     client_cpus: int = 1
     client_gpus: float = 0.0
     torch_threads: int = 1
+    secure_aggregation: bool = False  # SecAgg+: the server only sees the sum of the sites' updates
+    secagg_max_dropouts: int = 1  # sites that may drop out of a SecAgg+ round without losing it
 
 
 @dataclass

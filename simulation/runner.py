@@ -41,7 +41,7 @@ def simulate(cfg: FedmskConfig, console: Console | None = None) -> dict:
     from flwr.clientapp import ClientApp  # noqa: F401  (import order: flwr before ray warnings)
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
+    from client.secagg_app import app as client_app  # plain messages go on to client.app
     from simulation.evaluation import load_federation, load_screener, pooled_test_metrics
 
     console = console or Console()
