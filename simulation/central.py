@@ -22,6 +22,7 @@ from simulation.evaluation import load_federation, pooled_test_metrics
 def central(cfg: FedmskConfig, console: Console | None = None) -> dict:
     console = console or Console()
     torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, cfg.federation.torch_threads))  # as each simulated site does
     device = resolve_device(cfg.device)
     federation = load_federation(cfg)
     run_dir = default_run_dir(cfg, "central").resolve()
