@@ -38,7 +38,7 @@ def main() -> None:
     base = [f"data_root={data_root}", *args.overrides]
     if not data_root.exists():
         write_federation(compose(base))
-    console = Console()
+    console = Console(width=150)
     rows = []
     jobs = [("federated", m) for m in args.models.split(",")] + [("pooled", m) for m in args.central.split(",") if m]
     for mode, model in jobs:

@@ -190,6 +190,9 @@ def validate(cfg: FedmskConfig) -> None:
         raise ConfigError(
             f"config 'model.aux_loss' is '{cfg.model.aux_loss}'; available: {', '.join(sorted(AUX_LOSSES))}"
         )
+    from shared.losses import check_dp_safe
+
+    check_dp_safe(cfg)  # a batch-coupled aux loss under DP is refused before anything starts
     from server.strategy import STRATEGIES
 
     if cfg.strategy.name not in STRATEGIES:

@@ -37,3 +37,10 @@ def test_wrong_key_or_value_is_an_error_naming_it(override, named):
 def test_yaml_round_trip_is_lossless():
     cfg = compose(["model=late_fusion", "seed=7"])
     assert from_yaml(to_yaml(cfg)) == cfg
+
+
+def test_batch_coupled_contrast_with_dp_is_refused_at_start_naming_the_safe_loss():
+    with pytest.raises(ConfigError) as err:
+        compose(["privacy.enabled=true", "model.aux_loss=supcon"])
+    assert "prototype" in str(err.value)
+    assert compose(["privacy.enabled=true", "model.aux_loss=prototype"]).privacy.enabled
