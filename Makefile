@@ -23,7 +23,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/bench_loading.py
+	$(BIN)/python bench/bench_models.py --out runs/bench-models5 num_sites=5
+	$(BIN)/python bench/bench_dp.py
 
 clean:
 	rm -rf runs data/synthetic
