@@ -35,7 +35,7 @@ class Federation:
         self.grid = grid
         self.cfg = cfg
         self.recorder = RunRecorder(run_dir, cfg)
-        self.strategy = build_strategy(cfg.strategy)
+        self.strategy = build_strategy(cfg)
         self.base_config = {JOB_KEY: to_yaml(cfg), RUN_ID_KEY: run_dir.name}
         self.site_names: dict[int, str] = {}
         self.on_progress = on_progress or (lambda text: None)
@@ -116,6 +116,11 @@ class Federation:
             self._event(done, "global", "resumed", f"continuing from the checkpoint of round {done}")
         else:
             arrays = ArrayRecord(build_screener(self.cfg).state_dict())
+            noise = getattr(self.strategy, "noise_multiplier", None)
+            if noise is not None:
+                s = self.cfg.strategy
+                self._event(0, "global", "client-level DP", f"epsilon {s.client_dp_epsilon} (delta {s.client_dp_delta}) over "
+                            f"{self.cfg.rounds} rounds: updates clipped to {s.client_dp_clip}, noise multiplier {noise:.3f}")
             self.evaluate_round(0, arrays, "val")
         for rnd in range(start, self.cfg.rounds + 1):
             arrays = self.train_round(rnd, arrays)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from shared.config import StrategyConfig
+from shared.config import FedmskConfig
 from shared.messages import NUM_EXAMPLES
 from shared.metrics import counts_metrics
 
@@ -39,7 +39,8 @@ def pool_eval_metrics(records: list[RecordDict], weight_key: str = NUM_EXAMPLES)
     return MetricRecord(pool_site_metrics([dict(next(iter(r.metric_records.values()))) for r in records], weight_key))
 
 
-def _fedavg(cfg: StrategyConfig) -> Strategy:
+def _fedavg(run: FedmskConfig) -> Strategy:
+    cfg = run.strategy
     return FedAvg(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -62,8 +63,47 @@ def with_client_level_dp(strategy: Strategy, *, noise_multiplier: float, clippin
     return DifferentialPrivacyServerSideFixedClipping(strategy, noise_multiplier, clipping_norm, num_sites)
 
 
-STRATEGIES: dict[str, Callable[[StrategyConfig], Strategy]] = {"fedavg": _fedavg}
+class EqualWeightFedAvg(FedAvg):
+    """FedAvg in which every site weighs the same.
+
+    DP-FedAvg's noise (std noise_multiplier * clip / sites) is calibrated for the plain mean of
+    clipped updates; an example-weighted mean lets one large site move the model by more than
+    clip / sites and the guarantee would not hold. The per-site counts are already recorded by
+    the round loop before aggregation; here only the aggregation weight is set to 1.
+    """
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        for reply in replies:
+            if not reply.has_error():
+                next(iter(reply.content.metric_records.values()))[self.weighted_by_key] = 1
+        return super().aggregate_train(server_round, replies)
 
 
-def build_strategy(cfg: StrategyConfig) -> Strategy:
-    return STRATEGIES[cfg.name](cfg)
+def _dp_fedavg(run: FedmskConfig) -> Strategy:
+    """Client-level DP: every site clipped to client_dp_clip, noise for client_dp_epsilon over the run.
+
+    The noise multiplier comes from Opacus' RDP accountant (client.privacy.client_level_noise)
+    for ``rounds`` releases with every site taking part; ``min_train_nodes`` is the site count
+    the noise is scaled by, which errs on the safe side when more sites answer.
+    """
+    from client.privacy import client_level_noise
+
+    cfg = run.strategy
+    inner = EqualWeightFedAvg(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_evaluate_nodes,
+        min_available_nodes=cfg.min_available_nodes,
+        evaluate_metrics_aggr_fn=pool_eval_metrics,
+    )
+    noise = client_level_noise(cfg.client_dp_epsilon, cfg.client_dp_delta, run.rounds)
+    return with_client_level_dp(inner, noise_multiplier=noise, clipping_norm=cfg.client_dp_clip, num_sites=cfg.min_train_nodes)
+
+
+STRATEGIES: dict[str, Callable[[FedmskConfig], Strategy]] = {"fedavg": _fedavg, "dp_fedavg": _dp_fedavg}
+
+
+def build_strategy(cfg: FedmskConfig) -> Strategy:
+    return STRATEGIES[cfg.strategy.name](cfg)

@@ -91,6 +91,10 @@ class StrategyConfig:
     min_available_nodes: int = 2
     round_timeout_s: float = 3600.0
     max_update_norm: float = 1000.0  # an update moving the model further is left out of the round
+    # client-level DP (strategy=dp_fedavg): each site's whole update is clipped, the mean noised
+    client_dp_epsilon: float = 8.0
+    client_dp_delta: float = 1e-5
+    client_dp_clip: float = 1.0
 
 
 @dataclass

@@ -67,3 +67,27 @@ def test_resume_continues_from_the_last_checkpoint(root, tmp_path):
     for key, value in after_one.to_torch_state_dict().items():
         assert torch.equal(sent[key], value), key  # round 2 started from round 1's checkpoint
     assert sorted({r["round"] for r in _rows(tmp_path, phase="train", site="global")}) == [1, 2]
+
+
+def _moved(before: ArrayRecord, after: ArrayRecord) -> float:
+    a, b = before.to_torch_state_dict(), after.to_torch_state_dict()
+    return float(sum(((b[k].double() - a[k].double()) ** 2).sum() for k in a if a[k].is_floating_point()) ** 0.5)
+
+
+def test_client_level_dp_clips_each_site_and_noises_the_mean(root, tmp_path):
+    from client.trainer import build_screener
+
+    base = TINY + [f"data_root={root}", "rounds=1", "federation.local_epochs=1"]
+    plain_cfg = compose(base + [f"run_dir={tmp_path / 'plain'}"])
+    start = ArrayRecord(build_screener(plain_cfg).state_dict())
+    plain, _ = run_federation(InProcessGrid(_nodes()), plain_cfg, tmp_path / "plain")
+    dp_cfg = compose(base + [f"run_dir={tmp_path / 'dp'}", "strategy=dp_fedavg", "strategy.client_dp_clip=0.0001",
+                             "strategy.min_train_nodes=3"])
+    dp, _ = run_federation(InProcessGrid(_nodes()), dp_cfg, tmp_path / "dp")
+    assert _moved(start, plain) > 0.2  # a local epoch moves the model far beyond the clip
+    events = [json.loads(x) for x in (tmp_path / "dp" / "events.jsonl").read_text().splitlines()]
+    noise = float(events[0]["reason"].split("noise multiplier ")[1])
+    # the mean of 3 clipped updates moves at most the clip; the rest is the Gaussian noise
+    n_params = sum(v.numel() for v in start.to_torch_state_dict().values() if v.is_floating_point())
+    expected_noise = noise * 0.0001 / 3 * n_params**0.5
+    assert 0.5 * expected_noise < _moved(start, dp) < 0.0001 + 2 * expected_noise
