@@ -39,9 +39,10 @@ def pool_eval_metrics(records: list[RecordDict], weight_key: str = NUM_EXAMPLES)
     return MetricRecord(pool_site_metrics([dict(next(iter(r.metric_records.values()))) for r in records], weight_key))
 
 
-def _fedavg(run: FedmskConfig) -> Strategy:
+def _sampling(run: FedmskConfig) -> dict:
+    """The FedAvg arguments every fedmsk strategy shares: sampling, minimums, metric pooling."""
     cfg = run.strategy
-    return FedAvg(
+    return dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes,
@@ -49,6 +50,10 @@ def _fedavg(run: FedmskConfig) -> Strategy:
         min_available_nodes=cfg.min_available_nodes,
         evaluate_metrics_aggr_fn=pool_eval_metrics,
     )
+
+
+def _fedavg(run: FedmskConfig) -> Strategy:
+    return FedAvg(**_sampling(run))
 
 
 def with_client_level_dp(strategy: Strategy, *, noise_multiplier: float, clipping_norm: float, num_sites: int) -> Strategy:
@@ -90,14 +95,7 @@ def _dp_fedavg(run: FedmskConfig) -> Strategy:
     from client.privacy import client_level_noise
 
     cfg = run.strategy
-    inner = EqualWeightFedAvg(
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=cfg.min_train_nodes,
-        min_evaluate_nodes=cfg.min_evaluate_nodes,
-        min_available_nodes=cfg.min_available_nodes,
-        evaluate_metrics_aggr_fn=pool_eval_metrics,
-    )
+    inner = EqualWeightFedAvg(**_sampling(run))
     noise = client_level_noise(cfg.client_dp_epsilon, cfg.client_dp_delta, run.rounds)
     return with_client_level_dp(inner, noise_multiplier=noise, clipping_norm=cfg.client_dp_clip, num_sites=cfg.min_train_nodes)
 
