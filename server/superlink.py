@@ -30,6 +30,19 @@ CONNECTION = "consortium"  # not "fedmsk": Flower reads a same-named folder hold
 DEFAULT_LOCAL_PORT = 9093
 
 
+def with_own_bin(env: dict[str, str] | None) -> dict[str, str]:
+    """``env`` with this interpreter's bin folder first on PATH.
+
+    Flower's daemons start their helpers by name (the SuperLink runs ``flower-superexec``, the
+    executor ``flwr-clientapp``); when fedmsk runs as ``.venv/bin/fedmsk`` without the venv
+    activated those names are not on PATH and the SuperLink dies at start with exit code 3.
+    """
+    out = dict(os.environ if env is None else env)
+    own = str(Path(sys.executable).parent)
+    out["PATH"] = own + os.pathsep + out.get("PATH", "")
+    return out
+
+
 class ManagedProcess:
     """A child process in its own process group, logging to a file, stopped with its children.
 
@@ -48,7 +61,7 @@ class ManagedProcess:
         self._log = log
         self.proc = subprocess.Popen(  # noqa: S603 - fixed argv built by fedmsk
             self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self.env, cwd=self.cwd, start_new_session=True,
+            env=with_own_bin(self.env), cwd=self.cwd, start_new_session=True,
         )
         return self
 
@@ -116,7 +129,7 @@ def write_connection(home: Path, address: str, ca_cert: Path, name: str = CONNEC
 
 
 def flwr_env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = with_own_bin(None)
     env["FLWR_HOME"] = str(home)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
