@@ -28,8 +28,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.utils.batch_memory_manager import wrap_data_loader
@@ -39,7 +37,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from client.ledger import PrivacyLedger, RoundEntry, RunPlan, Step, merge_history
-from shared.config import ConfigError, PrivacyConfig
+from shared.config import ConfigError, PrivacyConfig, load_yaml_file
 from shared.losses import DP_SAFE_AUX
 
 log = logging.getLogger("fedmsk.privacy")
@@ -119,16 +117,8 @@ def calibrate_noise(
 
 def load_policy_file(path: str | Path) -> PrivacyConfig:
     """Read the site operator's own privacy policy (fields of configs/privacy/*.yaml)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"site privacy policy {p} does not exist; copy configs/privacy/site.yaml and set your budget")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(PrivacyConfig), OmegaConf.load(p))
-        policy = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"site privacy policy {p}: {exc}") from None
-    assert isinstance(policy, PrivacyConfig)
-    check_policy(policy, str(p))
+    policy = load_yaml_file(path, PrivacyConfig, "site privacy policy", "copy configs/privacy/site.yaml and set your budget")
+    check_policy(policy, str(path))
     return policy
 
 

@@ -262,18 +262,22 @@ def from_yaml(text: str, origin: str = "config") -> FedmskConfig:
     return _schema_merge(OmegaConf.create(text), origin=origin)
 
 
-def load_site_file(path: str | Path) -> SiteConfig:
-    """Read a hospital's own site config (a YAML file the operator owns)."""
+def load_yaml_file(path: str | Path, schema: type, what: str, fix: str):
+    """Read an operator-owned YAML file into ``schema`` (a dataclass); unknown keys are errors."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"site config {p} does not exist; pass the YAML file your coordinator's bundle contains")
+        raise ConfigError(f"{what} {p} does not exist; {fix}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(SiteConfig), OmegaConf.load(p))
-        site = OmegaConf.to_object(merged)
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(p)))
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"site config {p}: {exc}") from None
-    assert isinstance(site, SiteConfig)
-    return site
+        raise ConfigError(f"{what} {p}: {exc}") from None
+    assert isinstance(obj, schema)
+    return obj
+
+
+def load_site_file(path: str | Path) -> SiteConfig:
+    """Read a hospital's own site config (a YAML file the operator owns)."""
+    return load_yaml_file(path, SiteConfig, "site config", "pass the YAML file your coordinator's bundle contains")
 
 
 def resolve_device(requested: str | None) -> str:

@@ -106,15 +106,12 @@ class Prototype(AuxLoss):
         return F.cross_entropy(outputs["proto_logits"], labels)
 
 
-class InfoNCEBank(AuxLoss):
-    """Image<->clinical contrast of the patient's own pair against a fixed, non-private bank.
+class _BankContrast(AuxLoss):
+    """Two embeddings of one patient as each other's positive, against a fixed public bank.
 
-    The negatives are ``BANK_SIZE`` random unit vectors drawn from a fixed public seed (no
-    patient data, identical at every site), so each patient's term depends on that patient
-    only: per-sample, DP-safe.
+    The negatives are ``BANK_SIZE`` random unit vectors from a fixed public seed (no patient
+    data, identical at every site), so each patient's term depends on that patient only.
     """
-
-    needs = frozenset({"z_image", "z_clinical"})
 
     def __init__(self, temperature: float, dim: int) -> None:
         super().__init__()
@@ -122,17 +119,25 @@ class InfoNCEBank(AuxLoss):
         gen = torch.Generator().manual_seed(BANK_SEED)
         self.register_buffer("bank", F.normalize(torch.randn(BANK_SIZE, dim, generator=gen), dim=-1))
 
-    def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        zi = F.normalize(outputs["z_image"], dim=-1)
-        zc = F.normalize(outputs["z_clinical"], dim=-1)
+    def contrast(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         bank: torch.Tensor = self.bank  # type: ignore[assignment]
-        pos = (zi * zc).sum(dim=-1, keepdim=True)
-        target = torch.zeros(zi.shape[0], dtype=torch.long, device=zi.device)
-        terms = [F.cross_entropy(torch.cat([pos, z @ bank.t()], dim=1) / self.temperature, target) for z in (zi, zc)]
+        pos = (a * b).sum(dim=-1, keepdim=True)
+        target = torch.zeros(a.shape[0], dtype=torch.long, device=a.device)
+        terms = [F.cross_entropy(torch.cat([pos, z @ bank.t()], dim=1) / self.temperature, target) for z in (a, b)]
         return 0.5 * (terms[0] + terms[1])
 
 
-class ViewContrast(AuxLoss):
+class InfoNCEBank(_BankContrast):
+    """Image<->clinical contrast of the patient's own pair against the fixed, non-private bank:
+    per-sample, DP-safe."""
+
+    needs = frozenset({"z_image", "z_clinical"})
+
+    def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        return self.contrast(F.normalize(outputs["z_image"], dim=-1), F.normalize(outputs["z_clinical"], dim=-1))
+
+
+class ViewContrast(_BankContrast):
     """Two views of the same patient (the model's image and an in-model augmented copy) pulled
     together against the fixed non-private bank: the positive is the patient's own other view,
     the negatives hold no patient data, so the term is per-sample (DP-safe).
@@ -140,20 +145,9 @@ class ViewContrast(AuxLoss):
 
     needs = frozenset({"proj_views"})
 
-    def __init__(self, temperature: float, dim: int) -> None:
-        super().__init__()
-        self.temperature = temperature
-        gen = torch.Generator().manual_seed(BANK_SEED)
-        self.register_buffer("bank", F.normalize(torch.randn(BANK_SIZE, dim, generator=gen), dim=-1))
-
     def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         views = outputs["proj_views"]  # [B, 2, P], L2-normalised
-        a, b = views[:, 0], views[:, 1]
-        bank: torch.Tensor = self.bank  # type: ignore[assignment]
-        pos = (a * b).sum(dim=-1, keepdim=True)
-        target = torch.zeros(a.shape[0], dtype=torch.long, device=a.device)
-        terms = [F.cross_entropy(torch.cat([pos, z @ bank.t()], dim=1) / self.temperature, target) for z in (a, b)]
-        return 0.5 * (terms[0] + terms[1])
+        return self.contrast(views[:, 0], views[:, 1])
 
 
 AUX_LOSSES: dict[str, type[AuxLoss]] = {
