@@ -133,7 +133,8 @@ class RunRecorder:
             "model": self.cfg.model.name,
             "strategy": self.cfg.strategy.name,
             "rounds": self.cfg.rounds,
-            "privacy": {"enabled": self.cfg.privacy.enabled},
+            # a site's own policy can switch DP on even when the run did not ask for it
+            "privacy": {"enabled": self.cfg.privacy.enabled or any(r.get("dp") for r in train_rows)},
             "val_auc_by_round": val_auc,
             "test_global": {m: pooled.get(m) for m in METRIC_NAMES},
             "test_per_site": per_site,
