@@ -169,7 +169,8 @@ class RunRecorder:
         ax.set_xlabel("round")
         ax.set_ylabel("validation AUC")
         ax.set_title(f"{self.cfg.model.name} on {self.cfg.task.name}")
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(self.run_dir / "auc_by_round.png", dpi=100)
