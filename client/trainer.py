@@ -8,7 +8,6 @@ ClientApp, the SecAgg+ client and ``fedmsk central`` never write the loop again.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,12 +82,11 @@ def train_local(
     *,
     epochs: int | None = None,
     privacy=None,
-    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train ``screener`` in place for ``epochs`` (default: fed.local_epochs) passes.
 
-    ``privacy``: an object with ``make_private(module, optimizer, loader) ->
-    (module, optimizer, loader)`` (client.privacy), or None for plain training.
+    ``privacy``: a ``client.privacy.SitePrivacy`` (``make_private`` wraps module, optimizer
+    and loader for DP-SGD; ``detach`` unhooks the module afterwards), or None for plain training.
     """
     screener.to(device).train()
     optimizer = make_optimizer([p for p in screener.parameters() if p.requires_grad], fed)
@@ -111,9 +109,7 @@ def train_local(
             total_loss += float(loss.detach()) * n
             total_correct += int((outputs["logits"].detach().argmax(1) == label).sum())
             total_seen += n
-            if on_step is not None:
-                on_step(steps, float(loss.detach()))
-    if privacy is not None and hasattr(privacy, "detach"):
+    if privacy is not None:
         privacy.detach(module)
     seen = max(total_seen, 1)
     return TrainResult(len(loader.dataset), steps, total_loss / seen, total_correct / seen)

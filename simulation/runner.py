@@ -4,6 +4,7 @@ Flower's simulation engine, with the same ClientApp and ServerApp as a real depl
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -38,7 +39,6 @@ def check_minimums(cfg: FedmskConfig, n_sites: int) -> None:
 
 def simulate(cfg: FedmskConfig, console: Console | None = None) -> dict:
     """Run the federation in one process tree and return the run summary."""
-    from flwr.clientapp import ClientApp  # noqa: F401  (import order: flwr before ray warnings)
     from flwr.simulation import run_simulation
 
     from client.secagg_app import app as client_app  # plain messages go on to client.app
@@ -77,8 +77,6 @@ def simulate(cfg: FedmskConfig, console: Console | None = None) -> dict:
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without a summary in {run_dir}; see the log above")
-    import json
-
     summary = json.loads(summary_path.read_text())
     console.print((run_dir / "summary.md").read_text())
     return summary
