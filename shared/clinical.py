@@ -147,9 +147,10 @@ def parse_label(cell: str | None, task: TaskConfig, decimal_comma: bool) -> int 
         value = parse_number(cell, decimal_comma)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value != int(value) or int(value) not in task.classes:
-        raise _CellError("label_not_in_classes", f"{task.label_column}='{cell.strip()}' is not one of {task.classes}")
-    return int(value)
+    accepted = sorted(task.label_map) if task.label_map else task.classes
+    if not math.isfinite(value) or value != int(value) or int(value) not in accepted:
+        raise _CellError("label_not_in_classes", f"{task.label_column}='{cell.strip()}' is not one of {accepted}")
+    return int(task.label_map.get(int(value), int(value)))
 
 
 def read_table(path: str | Path, task: TaskConfig) -> ClinicalTable:

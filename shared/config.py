@@ -67,6 +67,13 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
+    # raw label value in the CSV -> class (empty: the value is the class), e.g. Genant 0-3 -> fracture 0/1
+    label_map: dict[int, int] = field(default_factory=dict)
+    # CT volumes (shared/volume.py): HU window [low, high] scaled to [0, 1] (null: the volume's min/max),
+    # and where the task.image_size box sits after resampling to spacing_mm: center | bone (bone-HU bounding box)
+    hu_window: list[float] | None = None
+    crop: str = "center"
+    bone_hu: float = 250.0
     name: str = "mmcl"
     width: int = 16
     stages: int = 3
@@ -180,6 +187,7 @@ def _schema_merge(raw: Any, origin: str) -> FedmskConfig:
 
 def validate(cfg: FedmskConfig) -> None:
     """Check values whose type is right but whose meaning is not; raise ConfigError."""
+    "task.crop": ("center", "bone"),
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -235,6 +243,10 @@ def validate(cfg: FedmskConfig) -> None:
         raise ConfigError("config 'federation': local_epochs and batch_size must be >= 1 and lr > 0")
     p = cfg.privacy
     if p.enabled and (p.target_epsilon <= 0 or not 0 < p.delta < 1 or p.max_grad_norm <= 0):
+    if set(cfg.task.label_map.values()) - set(cfg.task.classes):
+        raise ConfigError(f"config 'task.label_map' maps to {sorted(set(cfg.task.label_map.values()))}, not all in task.classes {cfg.task.classes}")
+    if cfg.task.hu_window is not None and (len(cfg.task.hu_window) != 2 or cfg.task.hu_window[0] >= cfg.task.hu_window[1]):
+        raise ConfigError(f"config 'task.hu_window' is {cfg.task.hu_window}; give [low, high] in HU with low < high")
         raise ConfigError("config 'privacy': target_epsilon and max_grad_norm must be > 0 and delta in (0, 1)")
 
 
