@@ -15,9 +15,14 @@ def _overrides(p: argparse.ArgumentParser) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from server.federation import RunStopped
     from simulation.runner import simulate
 
-    simulate(compose(args.overrides), Console())
+    try:
+        simulate(compose(args.overrides), Console())
+    except RunStopped as stop:  # nobody trained: the run folder says why; never "completed"
+        Console(stderr=True).print(f"[bold red]run stopped:[/] {stop}", highlight=False)
+        return 1
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.federation import run_federation
+from server.federation import RunStopped, run_federation
 from shared.config import FedmskConfig, compose
 
 
@@ -35,7 +35,11 @@ def make_server_app(cfg: FedmskConfig | None = None, run_dir: Path | None = None
 
             run_secure_federation(grid, context, run_cfg, folder, run_cfg.federation.secagg_max_dropouts)
             return
-        arrays, recorder = run_federation(grid, run_cfg, folder, on_progress)
+        try:
+            arrays, recorder = run_federation(grid, run_cfg, folder, on_progress)
+        except RunStopped as stop:  # the summary says why; re-raised so the run ends failed, not completed
+            stop.recorder.finish(stop.arrays, {"stopped": str(stop)})
+            raise
         extra = on_finish(arrays, recorder) if on_finish else None
         recorder.finish(arrays, extra)
 

@@ -103,6 +103,11 @@ class RunRecorder:
         atomic_write_text(self.run_dir / "checkpoints" / "latest.json", json.dumps({"round": round_, "path": path.name}))
         return path
 
+    def checkpoint_of(self, round_: int) -> ArrayRecord:
+        """The global model checkpointed after ``round_``."""
+        path = self.run_dir / "checkpoints" / f"round_{round_:04d}.pt"
+        return ArrayRecord(torch.load(path, map_location="cpu", weights_only=True))
+
     def select(self, *, phase: str, split: str = "", site: str | None = None) -> list[dict[str, Any]]:
         return [
             r for r in self.rows if r["phase"] == phase and r["split"] == split and (site is None or r["site"] == site)
@@ -134,7 +139,8 @@ class RunRecorder:
             "strategy": self.cfg.strategy.name,
             "rounds": self.cfg.rounds,
             # a site's own policy can switch DP on even when the run did not ask for it
-            "privacy": {"enabled": self.cfg.privacy.enabled or any(r.get("dp") for r in train_rows)},
+            "privacy": {"enabled": self.cfg.privacy.enabled or any(r.get("dp") for r in train_rows),
+                        "line": dp_line(self.rows, self.events)},
             "val_auc_by_round": val_auc,
             "test_global": {m: pooled.get(m) for m in METRIC_NAMES},
             "test_per_site": per_site,
@@ -177,6 +183,26 @@ class RunRecorder:
         plt.close(fig)
 
 
+def dp_line(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> str:
+    """What the sites actually did this run, from their train replies (a site's policy wins over the run's)."""
+    sites = {r["site"] for r in rows if r["site"] != "global"} | {e["site"] for e in events if e["site"] != "global"}
+    trained = [r for r in rows if r["phase"] == "train" and r["site"] != "global"]
+    if not trained:
+        return f"DP: no site trained ({len(sites)} sites refused or failed)" if sites else "DP: no site trained"
+    eps: dict[str, float] = {}
+    for r in trained:
+        if r.get("dp"):
+            eps[r["site"]] = max(eps.get(r["site"], 0.0), r.get("epsilon") or 0.0)
+    plain = {r["site"] for r in trained} - set(eps)
+    parts = []
+    if eps:
+        parts.append(f"{len(eps)}/{len(sites)} sites trained with DP-SGD (epsilon spent at the sites "
+                     f"{min(eps.values()):.2f}-{max(eps.values()):.2f})")
+    if plain:
+        parts.append(f"{len(plain)}/{len(sites)} trained without DP")
+    return "DP: " + "; ".join(parts)
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float) and v.is_integer() and abs(v) > 1:
         v = int(v)
@@ -187,8 +213,11 @@ def render_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"# fedmsk run: {summary['model']} on {summary['task']}",
         "",
-        f"strategy {summary['strategy']}, {summary['rounds']} rounds, DP {'on' if summary['privacy']['enabled'] else 'off'}",
+        f"strategy {summary['strategy']}, {summary['rounds']} rounds",
         "",
+        summary["privacy"].get("line") or f"DP {'on' if summary['privacy']['enabled'] else 'off'}",
+        "",
+        *([f"**Run stopped:** {summary['stopped']}", ""] if summary.get("stopped") else []),
         "| site | " + " | ".join(m.upper() for m in METRIC_NAMES) + " | test n | epsilon |",
         "|---" * (len(METRIC_NAMES) + 3) + "|",
     ]

@@ -2,7 +2,9 @@
 
 Flower's simulation engine needs Ray and ~20 s to start; the round-loop tests (poisoned
 updates, resume) need the real message flow but not separate processes. Replies can be
-tampered with per site through ``tamper`` to play a malicious or broken hospital.
+tampered with per site through ``tamper`` to play a malicious or broken hospital. ``names``
+plays the coordinator's registry: the name each node's key was registered under, which a real
+SuperLink returns in ``get_nodes()`` (NodeInfo.name).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -17,7 +20,9 @@ import client.app as client_app
 
 
 class InProcessGrid(Grid):
-    def __init__(self, node_configs: dict[int, dict], tamper: Callable[[int, Message], Message] | None = None):
+    def __init__(self, node_configs: dict[int, dict], tamper: Callable[[int, Message], Message] | None = None,
+                 names: dict[int, str] | None = None):
+        self.names = names or {}
         TaskIdentity.run_id = 1
         TaskIdentity.node_id = 0
         TaskIdentity.task_id = 0
@@ -37,6 +42,9 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_configs)
 
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [NodeInfo(node_id=n, name=self.names.get(n, "")) for n in self.node_configs]
+
     def push_messages(self, messages):  # pragma: no cover
         raise NotImplementedError
 
@@ -52,7 +60,7 @@ class InProcessGrid(Grid):
             handler = client_app.train if msg.metadata.message_type == "train" else client_app.evaluate_fn
             try:
                 reply = handler(msg, ctx)
-            except Exception as exc:  # what Flower turns into an error reply
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            except Exception as exc:  # what Flower turns into an error reply, in Flower's format
+                reply = Message(Error(code=2, reason=str(type(exc)) + ":<'" + str(exc) + "'>"), reply_to=msg)
             replies.append(self.tamper(node, reply))
         return replies

@@ -91,3 +91,56 @@ def test_client_level_dp_clips_each_site_and_noises_the_mean(root, tmp_path):
     n_params = sum(v.numel() for v in start.to_torch_state_dict().values() if v.is_floating_point())
     expected_noise = noise * 0.0001 / 3 * n_params**0.5
     assert 0.5 * expected_noise < _moved(start, dp) < 0.0001 + 2 * expected_noise
+
+
+def _own_copy(root, tmp_path):
+    import shutil
+
+    return shutil.copytree(root, tmp_path / "sites")
+
+
+def test_a_run_in_which_every_site_refuses_stops_failed_and_names_the_sites(root, tmp_path):
+    """Each site's own policy turns DP on; the run asks for a batch-coupled aux loss, which DP-SGD
+    cannot bound, so every site refuses round 1. The run must stop there, failed, naming the sites
+    by the names the coordinator registered (an error reply carries no name of its own)."""
+    from flwr.app import Context, RecordDict
+
+    from server.app import make_server_app
+    from server.federation import RunStopped
+
+    root = _own_copy(root, tmp_path)  # a site's ledger (in its data folder) pins the first DP policy it meets
+    policy = tmp_path / "privacy.yaml"
+    policy.write_text("enabled: true\ntarget_epsilon: 8.0\ndelta: 1.0e-5\nmax_grad_norm: 1.0\naccountant: rdp\n")
+    nodes = {n: c | {"privacy-config": str(policy)} for n, c in _nodes().items()}
+    names = {100: "hospital_north", 101: "hospital_east", 102: "hospital_south"}
+    run_dir = tmp_path / "run"
+    cfg = compose(TINY + [f"data_root={root}", f"run_dir={run_dir}", "rounds=3", "model.aux_loss=supcon",
+                          "model.aux_weight=0.5", "strategy.fraction_evaluate=0.0"])
+    grid = InProcessGrid(nodes, names=names)
+    with pytest.raises(RunStopped) as stop:
+        make_server_app(cfg, run_dir)(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+    assert stop.value.round == 1 and set(stop.value.reasons) == set(names.values())
+    assert all("couples the patients of a batch" in r for r in stop.value.reasons.values()), stop.value.reasons
+    assert sum(m.metadata.message_type == "train" for m in grid.sent) == 3  # no round 2 was sent
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert {e["site"] for e in events if e["event"] == "no update"} == set(names.values())
+    assert not any(e["site"].startswith("node-") for e in events)
+    last = events[-1]
+    assert last["event"] == "run stopped" and all(n in last["reason"] for n in names.values())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "hospital_east" in summary["stopped"]
+    assert summary["privacy"]["line"] == "DP: no site trained (3 sites refused or failed)"
+    assert "Run stopped" in (run_dir / "summary.md").read_text()
+
+
+def test_the_dp_line_says_what_the_sites_did(root, tmp_path):
+    root = _own_copy(root, tmp_path)
+    policy = tmp_path / "privacy.yaml"
+    policy.write_text("enabled: true\ntarget_epsilon: 8.0\ndelta: 1.0e-5\nmax_grad_norm: 1.0\naccountant: rdp\n")
+    nodes = _nodes()
+    nodes[100] = nodes[100] | {"privacy-config": str(policy)}  # one site requires DP, the run does not ask for it
+    cfg = compose(TINY + [f"data_root={root}", f"run_dir={tmp_path}", "rounds=1", "strategy.fraction_evaluate=0.0",
+                          "model.aux_loss=prototype"])
+    arrays, recorder = run_federation(InProcessGrid(nodes), cfg, tmp_path)
+    line = recorder.finish(arrays)["privacy"]["line"]
+    assert line.startswith("DP: 1/3 sites trained with DP-SGD (epsilon spent at the sites ") and line.endswith("; 2/3 trained without DP"), line
