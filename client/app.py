@@ -17,7 +17,9 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client.ledger import PrivacyLedger
 from client.privacy import SitePrivacy, resolve_policy
+from client.release import release_counts
 from client.site import SiteIdentity, resolve_site
 from client.trainer import build_screener, evaluate, make_loader, train_local
 from shared.config import FedmskConfig, from_yaml
@@ -34,6 +36,7 @@ from shared.messages import (
 )
 
 log = logging.getLogger("fedmsk.client")
+EVAL_SPLITS = ("val", "test")  # a site never releases metrics of its training patients
 app = ClientApp()
 
 
@@ -43,15 +46,19 @@ def _job(job_yaml: str) -> FedmskConfig:
 
 
 @lru_cache(maxsize=4)
-def _site_datasets(data_dir: str, task_yaml: str, seed: int):
-    """Decode and split the site's data once per process (Flower reuses it across rounds)."""
+def _site_datasets(data_dir: str, task_yaml: str, seed: int, private: bool):
+    """Decode and split the site's data once per process (Flower reuses it across rounds).
+
+    ``private``: the site trains under DP, so the clinical scaling comes from the task's
+    reference values, not from its training patients (shared.sitedata.make_datasets).
+    """
     from shared.sitedata import load_site, make_datasets
 
     cfg = _job(task_yaml)
     site = load_site(data_dir, cfg.task)
     if site.issues:
         log.info("site %s: %d records left out (run `fedmsk check` for the list)", data_dir, len(site.issues))
-    datasets = make_datasets(site, cfg.task, seed)
+    datasets = make_datasets(site, cfg.task, seed, private=private)
     if len(datasets["train"]) == 0:
         raise RuntimeError(
             f"site data {data_dir}: no usable labelled patient ({len(site.issues)} records left out); "
@@ -63,20 +70,20 @@ def _site_datasets(data_dir: str, task_yaml: str, seed: int):
 def _prepare(node_config: dict[str, Any], job_yaml: str, weights: dict[str, torch.Tensor]):
     cfg = _job(job_yaml)
     site = resolve_site(node_config, cfg)
+    policy = resolve_policy(node_config, cfg.privacy, site.data_dir)  # the site's own budget wins
     torch.set_num_threads(max(1, cfg.federation.torch_threads))
-    datasets = _site_datasets(str(site.data_dir), job_yaml, cfg.seed)
+    datasets = _site_datasets(str(site.data_dir), job_yaml, cfg.seed, policy.enabled)
     screener = build_screener(cfg)
     screener.load_state_dict(weights)
-    return cfg, site, datasets, screener
+    return cfg, site, policy, datasets, screener
 
 
 def run_train(
     node_config: dict[str, Any], job_yaml: str, weights: dict[str, torch.Tensor], server_round: int, run_id: str = ""
 ) -> tuple[SiteIdentity, dict[str, torch.Tensor], dict[str, float]]:
     """One round of local training at this site: returns (site, new weights, metrics)."""
-    cfg, site, datasets, screener = _prepare(node_config, job_yaml, weights)
+    cfg, site, policy, datasets, screener = _prepare(node_config, job_yaml, weights)
     privacy = None
-    policy = resolve_policy(node_config, cfg.privacy, site.data_dir)  # the site's own budget wins
     if policy.enabled:
         privacy = SitePrivacy.open(site.data_dir, policy)
         # raises BudgetSpent (-> an error reply the server logs) before any step is taken
@@ -88,10 +95,12 @@ def run_train(
             n_train=len(datasets["train"]),
             batch_size=cfg.federation.batch_size,
         )
-    loader = make_loader(
-        datasets["train"], cfg.federation.batch_size, shuffle=True, seed=cfg.seed * 1000 + server_round
-    )
+    # site-secret order: never derived from the seed or round the server sent (client.randomness)
+    loader = make_loader(datasets["train"], cfg.federation.batch_size, shuffle=True, seed=None)
     result = train_local(screener, loader, cfg.federation, site.device, privacy=privacy)
+    # the same keys with and without DP (Flower aborts a run whose sites reply with different keys);
+    # under DP the loss/accuracy of the private batches are not covered by the guarantee: NaN, and
+    # steps is the accountant's count (the physical-batch count depends on the Poisson draw)
     dp_metrics = privacy.end_round() if privacy is not None else {"dp": 0.0, "epsilon": 0.0, "delta": 0.0}
     metrics = result.metrics() | dp_metrics
     state = {k: v.detach().cpu() for k, v in screener.state_dict().items()}
@@ -99,14 +108,23 @@ def run_train(
 
 
 def run_evaluate(
-    node_config: dict[str, Any], job_yaml: str, weights: dict[str, torch.Tensor], split: str
+    node_config: dict[str, Any], job_yaml: str, weights: dict[str, torch.Tensor], split: str, server_round: int = 0,
+    run_id: str = "",
 ) -> tuple[SiteIdentity, dict[str, float]]:
-    """Evaluate the given weights on this site's ``split`` (val or test)."""
-    cfg, site, datasets, screener = _prepare(node_config, job_yaml, weights)
-    if split not in datasets:
-        raise ValueError(f"unknown split '{split}' asked by the server; expected one of {sorted(datasets)}")
+    """Evaluate the given weights on this site's ``split`` (val or test).
+
+    Never the training split: metrics of the patients DP-SGD trained on would leave the site
+    outside any accounting.
+    """
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split '{split}' asked by the server: this site answers only for {', '.join(EVAL_SPLITS)}")
+    cfg, site, policy, datasets, screener = _prepare(node_config, job_yaml, weights)
     loader = make_loader(datasets[split], cfg.federation.batch_size, shuffle=False, seed=cfg.seed)
-    return site, evaluate(screener, loader, site.device)
+    metrics = evaluate(screener, loader, site.device)
+    if policy.release_noise != "none":  # the site's policy: counts noised and accounted (client.release)
+        metrics = release_counts(metrics, policy, PrivacyLedger.load(site.data_dir), run_id=run_id, rnd=server_round,
+                                 split=split, n_classes=len(cfg.task.classes))
+    return site, metrics
 
 
 @app.train()
@@ -126,5 +144,6 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_fn(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     weights = record_to_state(msg.content[ARRAYS])
-    site, metrics = run_evaluate(dict(context.node_config), str(config[JOB_KEY]), weights, str(config.get(SPLIT_KEY, "val")))
+    site, metrics = run_evaluate(dict(context.node_config), str(config[JOB_KEY]), weights, str(config.get(SPLIT_KEY, "val")),
+                                 int(config.get("server-round", 0)), str(config.get(RUN_ID_KEY, "")))
     return Message(content=site_reply(site_name=site.name, metrics=metrics, allowed=EVAL_METRIC_KEYS), reply_to=msg)

@@ -2,7 +2,8 @@
 
 One JSON file per site, ``<site_dir>/.fedmsk/privacy_ledger.json``, holds every noisy step
 the site has ever taken (the accountant history: noise multiplier, sample rate, steps), the
-noise plan of each run, one entry per trained round, and the site's pinned policy. A fresh
+noise plan of each run, one entry per trained round, one entry per noised release of evaluation
+counts (client.release), and the site's pinned policy. A fresh
 process (a new round, a new run, a restarted SuperNode) reads it and continues the same
 budget. Writes are atomic (temp file, fsync, ``os.replace``, fsync of the folder), so a
 process killed mid-write leaves either the old or the new ledger, never a torn one.
@@ -74,12 +75,29 @@ class RunPlan:
 
 
 @dataclass
+class ReleaseEntry:
+    """One noised release of evaluation counts (client.release): which split, how, at what cost."""
+
+    run_id: str
+    round: int
+    split: str
+    mechanism: str  # laplace | gaussian
+    noise_scale: float  # Laplace b or Gaussian sigma, in counts
+    sensitivity: float  # one patient's effect on the counts: L1 (Laplace) or L2 (Gaussian)
+    epsilon: float  # of this release
+    epsilon_split_total: float  # of every release of this split so far, composed
+    delta: float
+    time: float = field(default_factory=time.time)
+
+
+@dataclass
 class PrivacyLedger:
     path: Path
     policy: dict[str, Any] = field(default_factory=dict)
     history: list[Step] = field(default_factory=list)
     plans: dict[str, RunPlan] = field(default_factory=dict)
     rounds: list[RoundEntry] = field(default_factory=list)
+    releases: list[ReleaseEntry] = field(default_factory=list)
 
     @classmethod
     def load(cls, site_dir: str | Path) -> PrivacyLedger:
@@ -97,6 +115,7 @@ class PrivacyLedger:
                 history=merge_history(raw["history"]),
                 plans={k: RunPlan(**v) for k, v in raw["plans"].items()},
                 rounds=[RoundEntry(**r) for r in raw["rounds"]],
+                releases=[ReleaseEntry(**r) for r in raw.get("releases", [])],  # absent in ledgers before releases
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise LedgerError(
@@ -111,6 +130,7 @@ class PrivacyLedger:
             "history": [list(h) for h in self.history],
             "plans": {k: asdict(v) for k, v in self.plans.items()},
             "rounds": [asdict(r) for r in self.rounds],
+            "releases": [asdict(r) for r in self.releases],
         }
 
     def save(self) -> None:

@@ -15,6 +15,9 @@ Usage (client/app.py)::
   round of the run (in any process) uses the same noise multiplier.
 * Sampling: Poisson (Opacus' DPDataLoader); logical batches above ``MAX_PHYSICAL_BATCH`` go
   through Opacus' BatchMemoryManager splitting, not hand-written gradient accumulation.
+* Randomness: the Poisson sampler and the noise draw from site-secret generators
+  (client.randomness, OS entropy), never from the caller's loader seed, the run's seed or torch's
+  fixed default seed, all of which the server can know.
 * Refusals (before any step is taken): a model Opacus' validator rejects (no silent surgery), a
   batch-coupled auxiliary loss, a round that would take the site past its budget (BudgetSpent).
 """
@@ -37,6 +40,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from client.ledger import PrivacyLedger, RoundEntry, RunPlan, Step, merge_history
+from client.randomness import site_generator
 from shared.config import ConfigError, PrivacyConfig, load_yaml_file
 from shared.losses import DP_SAFE_AUX
 
@@ -48,7 +52,7 @@ MAX_NOISE_MULTIPLIER = 32.0  # above this the noise drowns any gradient: a lefto
 EPS_RTOL = 1e-3
 BUDGET_FLOOR = 0.02  # a leftover under 2% of the target (the calibration's slack) counts as spent  # relative slack when comparing an accountant's epsilon with the target (estimation noise)
 NODE_PRIVACY_CONFIG = "privacy-config"  # node_config key: path of the site's own privacy policy YAML
-POLICY_KEYS = ("target_epsilon", "delta", "max_grad_norm", "accountant")
+POLICY_KEYS = ("target_epsilon", "delta", "max_grad_norm", "accountant", "release_noise", "release_epsilon", "release_budget")
 
 
 class BudgetSpent(RuntimeError):
@@ -127,6 +131,10 @@ def check_policy(policy: PrivacyConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: 'accountant' is '{policy.accountant}'; allowed: prv, rdp")
     if policy.target_epsilon <= 0 or not 0 < policy.delta < 1 or policy.max_grad_norm <= 0:
         raise ConfigError(f"{origin}: target_epsilon and max_grad_norm must be > 0 and delta in (0, 1)")
+    if policy.release_noise not in ("none", "laplace", "gaussian"):
+        raise ConfigError(f"{origin}: 'release_noise' is '{policy.release_noise}'; allowed: none, laplace, gaussian")
+    if policy.release_noise != "none" and not 0 < policy.release_epsilon <= policy.release_budget:
+        raise ConfigError(f"{origin}: release_epsilon must be > 0 and at most release_budget")
 
 
 def resolve_policy(node_config: dict[str, Any], proposed: PrivacyConfig, site_dir: str | Path) -> PrivacyConfig:
@@ -141,8 +149,13 @@ def resolve_policy(node_config: dict[str, Any], proposed: PrivacyConfig, site_di
         return own
     pinned = PrivacyLedger.load(site_dir).policy
     if pinned:
-        return PrivacyConfig(enabled=proposed.enabled or bool(pinned.get("enabled")), **{k: pinned[k] for k in POLICY_KEYS})
+        return PrivacyConfig(enabled=proposed.enabled or bool(pinned.get("enabled")), **_pinned_fields(pinned))
     return PrivacyConfig(**asdict(proposed))
+
+
+def _pinned_fields(pinned: dict[str, Any]) -> dict[str, Any]:
+    """The policy fields a ledger pinned (ledgers from before the release fields lack those: defaults)."""
+    return {k: pinned[k] for k in POLICY_KEYS if k in pinned}
 
 
 class SitePrivacy:
@@ -222,6 +235,11 @@ class SitePrivacy:
                 f"use model.aux_loss one of {DP_SAFE_AUX}"
             )
         ModuleValidator.validate(module, strict=True)  # no silent surgery: the model must be DP-ready as built
+        run_id, rnd = self._round or ("", 0)
+        device = next(module.parameters()).device
+        # Opacus' Poisson sampler draws from the loader's generator: give it a site-secret one
+        loader = DataLoader(loader.dataset, batch_size=loader.batch_size, num_workers=loader.num_workers,
+                            collate_fn=loader.collate_fn, generator=site_generator("sampling", run_id, rnd))
         engine = PrivacyEngine(accountant=self.policy.accountant)
         engine.accountant.history = list(self.ledger.history)
         module, optimizer, loader = engine.make_private(
@@ -232,6 +250,7 @@ class SitePrivacy:
             max_grad_norm=self.policy.max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode=GRAD_SAMPLE_MODE,
+            noise_generator=site_generator("noise", run_id, rnd, device=device),
         )
         if abs(1.0 / len(loader) - self._plan.sample_rate) > 1e-12:
             raise RuntimeError(f"loader has {len(loader)} batches; the plan assumed sample rate {self._plan.sample_rate}")
@@ -261,7 +280,7 @@ class SitePrivacy:
         )
         self.ledger.save()
         self._engine = None
-        return {"dp": 1.0, "epsilon": total, "delta": self.policy.delta}
+        return {"dp": 1.0, "epsilon": total, "delta": self.policy.delta, "steps": steps}
 
 
 def budget_report(site_dir: str | Path, policy_file: str | Path | None = None) -> dict[str, Any]:
@@ -274,7 +293,7 @@ def budget_report(site_dir: str | Path, policy_file: str | Path | None = None) -
     if policy_file is not None:
         policy = load_policy_file(policy_file)
     elif ledger.policy:
-        policy = PrivacyConfig(enabled=True, **{k: ledger.policy[k] for k in POLICY_KEYS})
+        policy = PrivacyConfig(enabled=True, **_pinned_fields(ledger.policy))
     else:
         return {"ledger": str(ledger.path), "policy": None, "spent": 0.0, "left": None, "steps": 0, "runs": []}
     spent = epsilon_of(ledger.history, policy.delta, policy.accountant)

@@ -87,7 +87,8 @@ class SiteNumPyClient(NumPyClient):
 
     def evaluate(self, parameters, config):  # type: ignore[no-untyped-def]
         job = str(config[JOB_KEY])
-        site, metrics = run_evaluate(self.node_config, job, to_state(parameters, job), str(config.get(SPLIT_KEY, "val")))
+        site, metrics = run_evaluate(self.node_config, job, to_state(parameters, job), str(config.get(SPLIT_KEY, "val")),
+                                     int(config.get("server-round", 0)), str(config.get(RUN_ID_KEY, "")))
         checked = dict(site_reply(site_name=site.name, metrics=metrics, allowed=EVAL_METRIC_KEYS)[METRICS])
         return float(checked.get("loss", float("nan"))), int(checked[NUM_EXAMPLES]), checked
 

@@ -8,6 +8,7 @@ ClientApp, the SecAgg+ client and ``fedmsk central`` never write the loop again.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from client.randomness import site_generator
 from shared.config import FederationConfig
 from shared.losses import build_criterion
 from shared.metrics import classification_metrics
@@ -43,8 +45,13 @@ def build_screener(cfg) -> Screener:
     return Screener(build_model(cfg), build_criterion(cfg))
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
-    gen = torch.Generator().manual_seed(seed)
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int | None) -> DataLoader:
+    """A loader over ``dataset``; ``seed=None`` shuffles with a site-secret generator (client.randomness).
+
+    A site's training loader takes None: an order derived from the run's seed would be known to
+    the server. Seeds are for researcher-side loops (the pooled baseline, evaluation).
+    """
+    gen = site_generator("shuffle") if seed is None else torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)
 
 
@@ -110,7 +117,8 @@ def train_local(
             total_correct += int((outputs["logits"].detach().argmax(1) == label).sum())
             total_seen += n
     if privacy is not None:
-        privacy.detach(module)
+        privacy.detach(module)  # the loss and accuracy of private batches are not released (NaN)
+        return TrainResult(len(loader.dataset), steps, math.nan, math.nan)
     seen = max(total_seen, 1)
     return TrainResult(len(loader.dataset), steps, total_loss / seen, total_correct / seen)
 

@@ -6,7 +6,8 @@ spellings -> code, whether the column must exist, and the missing-value policy. 
 every cell against that declaration and reports each problem per record (``shared.records``);
 it never guesses a spelling or a unit. The model's clinical input (``feature_names``) is
 derived from the declaration alone, because the server builds the model before any site data
-exists, and ``ClinicalScaler`` fits its statistics on a site's training split only.
+exists, and ``ClinicalScaler`` fits its statistics on a site's training split only (without DP) or
+takes them from the task's declared reference values (under DP).
 """
 
 from __future__ import annotations
@@ -236,9 +237,17 @@ def read_table(path: str | Path, task: TaskConfig) -> ClinicalTable:
 class ClinicalScaler:
     """Raw clinical values -> the model's feature vector (``feature_names`` order).
 
-    Median imputation (most frequent code for categories), missing indicators, category
-    encoding, then standardisation of numeric columns, all with statistics from the rows passed
-    to ``fit``: the site's training split, so validation and test rows never leak into them.
+    Imputation, missing indicators, category encoding, then standardisation of numeric columns.
+    Two ways to get the statistics:
+
+    * ``fit(rows)``: median (most frequent code for categories), mean and SD of the rows passed,
+      the site's training split, so validation and test rows never leak into them. Every
+      training patient then shifts every other patient's inputs, so this is for training
+      without DP only.
+    * ``from_reference()``: from the task config alone (``ref_mean``/``ref_sd`` of a column, else
+      the centre of its declared [min, max] and a quarter of its width; categories impute their
+      lowest code). No patient's record moves another's inputs: what DP-SGD needs, since its
+      guarantee is per patient only if each patient's gradient depends on that patient alone.
     """
 
     def __init__(self, task: TaskConfig) -> None:
@@ -246,6 +255,40 @@ class ClinicalScaler:
         self.fill: np.ndarray | None = None
         self.mean: np.ndarray | None = None
         self.std: np.ndarray | None = None
+
+    def from_reference(self) -> ClinicalScaler:
+        """Statistics from the task's declared reference values and ranges only (no patient data)."""
+        fill = np.zeros(len(self.task.columns), dtype=np.float64)
+        mean: list[float] = []
+        std: list[float] = []
+        for j, col in enumerate(self.task.columns):
+            if col.kind == "category":
+                fill[j] = category_codes(col)[0]
+                if col.feature:
+                    width = len(category_codes(col)) if len(category_codes(col)) > 2 else 1
+                    mean.extend([0.0] * width)
+                    std.extend([1.0] * width)
+                continue
+            centre, spread = col.ref_mean, col.ref_sd
+            if not col.feature and (centre is None or col.missing == "drop"):
+                continue  # read and validated, never a model input: nothing to scale
+            if centre is None or spread is None:
+                if col.min is None or col.max is None:
+                    raise ValueError(
+                        f"task column '{col.name}': scaling under DP needs ref_mean and ref_sd, or both min and max, "
+                        f"in the task config (a statistic fitted on the private training split would couple patients)"
+                    )
+                centre = (col.min + col.max) / 2 if centre is None else centre
+                spread = (col.max - col.min) / 4 if spread is None else spread
+            fill[j] = centre
+            if col.feature:
+                mean.append(centre)
+                std.append(spread if spread > 1e-8 else 1.0)
+        indicators = sum(1 for col in self.task.columns if col.feature and col.missing == "indicator")
+        self.fill = fill
+        self.mean = np.array(mean + [0.0] * indicators)
+        self.std = np.array(std + [1.0] * indicators)
+        return self
 
     def fit(self, raw: np.ndarray) -> ClinicalScaler:
         fill = np.zeros(len(self.task.columns), dtype=np.float64)

@@ -39,6 +39,10 @@ class ColumnSpec:
     # drop: leave the patient out; impute: training-split median; indicator: impute + a 0/1 column
     missing: str = "drop"
     feature: bool = True  # an input of the model (False: read, validated, reported, not learned from)
+    # public reference values (a published population norm, never a site's own data): under DP
+    # the clinical scaler centres and scales by them and imputes ref_mean (shared.clinical)
+    ref_mean: float | None = None
+    ref_sd: float | None = None
 
 
 @dataclass
@@ -111,6 +115,10 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "prv"  # prv | rdp
+    # released evaluation counts (val/test patients, outside DP-SGD's guarantee): none | laplace | gaussian
+    release_noise: str = "none"
+    release_epsilon: float = 0.5  # epsilon of one release (one split, one round) at delta
+    release_budget: float = 10.0  # total epsilon per split; once spent the site stops answering for it
 
 
 @dataclass
@@ -164,6 +172,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "task.modality": ("xray2d", "ct3d"),
     "task.image_select": ("first", "all", "series_description"),
     "privacy.accountant": ("prv", "rdp"),
+    "privacy.release_noise": ("none", "laplace", "gaussian"),
     "federation.optimizer": ("adam", "sgd"),
 }
 _COLUMN_KINDS = ("float", "int", "category")

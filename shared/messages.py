@@ -27,6 +27,15 @@ SITE = "site"  # reply ConfigRecord holding only the site's name
 
 NUM_EXAMPLES = "num-examples"
 TRAIN_METRIC_KEYS = frozenset({NUM_EXAMPLES, "train_loss", "train_acc", "steps", "dp", "epsilon", "delta"})
+CONFUSION_KEYS = ("tp", "fp", "tn", "fn")
+COUNT_KEY_PREFIXES = ("hist",)  # score-histogram bins: counts of patients, noised like the confusion counts
+
+
+def is_count_key(key: str) -> bool:
+    """A metric that counts patients (what a site's release noise must cover: client.release)."""
+    return key in CONFUSION_KEYS or key.startswith(COUNT_KEY_PREFIXES)
+
+
 EVAL_METRIC_KEYS = frozenset(
     {NUM_EXAMPLES, "loss", "auc", "acc", "f1", "sen", "spc", "pre", "tp", "fp", "tn", "fn"}
 )

@@ -295,13 +295,16 @@ def split_indices(labels: np.ndarray, split_cfg: SplitConfig, seed: int,
             for name in ("train", "val", "test")}
 
 
-def make_datasets(site: SiteData, task: TaskConfig, seed: int) -> dict[str, torch.utils.data.Dataset]:
+def make_datasets(site: SiteData, task: TaskConfig, seed: int, *, private: bool = False) -> dict[str, torch.utils.data.Dataset]:
     """train/val/test datasets of {"image": [1,*size], "clinical": [n_clinical], "label": []}.
 
-    The clinical scaler sees only the training rows; the training set alone is augmented.
+    The clinical scaler sees only the training rows, or, with ``private`` (the site trains under
+    DP), no rows at all: the task's reference values (ClinicalScaler.from_reference), so one
+    patient's record never moves another's inputs. The training set alone is augmented.
     """
     split = split_indices(site.labels, task.split, seed, groups=site.patient_ids)
-    scaler = ClinicalScaler(task).fit(site.clinical_raw[split["train"]])
+    scaler = ClinicalScaler(task)
+    scaler = scaler.from_reference() if private else scaler.fit(site.clinical_raw[split["train"]])
     features = torch.from_numpy(scaler.transform(site.clinical_raw))
     out: dict[str, torch.utils.data.Dataset] = {}
     for name, idx in split.items():

@@ -25,7 +25,7 @@ def load_federation(cfg: FedmskConfig, sites: list[Path] | None = None):
     out = []
     for folder in sites or list_sites(cfg.data_root):
         site = load_site(folder, cfg.task)
-        out.append((folder, site, make_datasets(site, cfg.task, cfg.seed)))
+        out.append((folder, site, make_datasets(site, cfg.task, cfg.seed, private=cfg.privacy.enabled)))  # as the sites scale
     return out
 
 

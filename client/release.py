@@ -1,0 +1,120 @@
+"""Noised, accounted release of evaluation counts (a site's policy: ``release_noise``).
+
+DP-SGD covers the patients a site trains on; the validation and test patients are never
+trained on, so the metrics a site reports about them every round are outside that guarantee.
+A site whose policy sets ``release_noise: laplace | gaussian`` releases them as a counting
+query under its own budget instead:
+
+* every count-type metric (the confusion counts, and each score histogram shared.messages
+  names as a count) gets noise calibrated to one patient's effect: adding or removing one
+  patient moves one cell of the confusion table by 1 (binary; C cells for C > 2 classes, whose
+  counts are summed one-vs-rest) and one bin of each histogram by 1;
+* the metrics derived from counts (ACC, SEN, SPC, PRE, F1, num-examples) are recomputed from the
+  noised counts (post-processing costs nothing); AUC and loss come from per-patient scores, so
+  they are not released (NaN), unless a noised score histogram lets the server estimate them;
+* the cost is booked in the site's ledger per split (val and test are disjoint patients, so
+  each split composes only with itself: Laplace releases add up, Gaussian ones compose under
+  Opacus' RDP accountant), and a split whose budget (``release_budget``) would be exceeded is
+  not answered any more (ReleaseRefused -> an error reply; the round goes on).
+
+Nothing in Opacus or Flower noises a released metric, hence this module; the accounting for the
+Gaussian case is Opacus' (client.privacy.epsilon_of / calibrate_noise at sample rate 1).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from client.ledger import PrivacyLedger, ReleaseEntry
+from client.privacy import calibrate_noise, epsilon_of
+from client.randomness import site_seed
+from shared.config import PrivacyConfig
+from shared.messages import CONFUSION_KEYS, NUM_EXAMPLES, is_count_key
+from shared.metrics import counts_metrics
+
+NOT_RELEASED = ("auc", "loss")  # computed from per-patient scores: no count-query sensitivity
+
+
+class ReleaseRefused(RuntimeError):
+    """The site declines to release: this split's release budget is spent."""
+
+
+def count_groups(keys: list[str], n_classes: int) -> dict[str, tuple[list[str], int]]:
+    """Count keys grouped by what one patient can move: {group: (keys, L1 sensitivity)}.
+
+    Confusion counts are one group (sensitivity 1, or C summed one-vs-rest tables for C > 2
+    classes); each histogram (its keys without the trailing bin index) is one group of
+    sensitivity 1: a patient falls in one bin.
+    """
+    groups: dict[str, tuple[list[str], int]] = {}
+    confusion = [k for k in keys if k in CONFUSION_KEYS]
+    if confusion:
+        groups["confusion"] = (confusion, 1 if n_classes == 2 else n_classes)
+    for key in keys:
+        if key in CONFUSION_KEYS or not is_count_key(key):
+            continue
+        family = re.sub(r"[_-]?\d+$", "", key)
+        members, sens = groups.get(family, ([], 1))
+        groups[family] = (members + [key], sens)
+    return groups
+
+
+def _split_cost(ledger: PrivacyLedger, split: str, policy: PrivacyConfig, extra: list[float]) -> float:
+    """Epsilon of every release of ``split`` in the ledger plus ``extra`` ones (epsilons for Laplace,
+    noise multipliers sigma / L2-sensitivity for Gaussian)."""
+    past = [r for r in ledger.releases if r.split == split and r.mechanism == policy.release_noise]
+    if policy.release_noise == "laplace":
+        return sum(r.epsilon for r in past) + sum(extra)
+    zs = [r.noise_scale / r.sensitivity for r in past] + extra
+    return epsilon_of([(z, 1.0, 1) for z in zs], policy.delta, "rdp")
+
+
+def release_counts(
+    metrics: Mapping[str, float], policy: PrivacyConfig, ledger: PrivacyLedger, *, run_id: str, rnd: int, split: str,
+    n_classes: int,
+) -> dict[str, float]:
+    """The metrics with every count noised and the rest recomputed or withheld; books the release."""
+    groups = count_groups(list(metrics), n_classes)
+    l1 = sum(sens for _, sens in groups.values())
+    l2 = math.sqrt(sum(sens**2 for _, sens in groups.values()))
+    rng = np.random.default_rng(site_seed("release", run_id, rnd, split))
+    if policy.release_noise == "laplace":
+        sensitivity = float(l1)
+        scale = sensitivity / policy.release_epsilon
+        total = _split_cost(ledger, split, policy, [policy.release_epsilon])
+        draw = lambda: rng.laplace(0.0, scale)  # noqa: E731
+    else:
+        sensitivity = l2
+        z = calibrate_noise([], 1.0, 1, policy.release_epsilon, policy.delta, "rdp")
+        scale = z * sensitivity
+        total = _split_cost(ledger, split, policy, [z])
+        draw = lambda: rng.normal(0.0, scale)  # noqa: E731
+    cost = total - _split_cost(ledger, split, policy, [])
+    if total > policy.release_budget * (1 + 1e-3):
+        raise ReleaseRefused(
+            f"release budget spent: one more {split} release would take the {split} patients to epsilon {total:.2f}, "
+            f"past the site's release_budget {policy.release_budget:g}; the site declines to report {split} metrics"
+        )
+    out = {k: float(v) for k, v in metrics.items()}
+    for keys, _ in groups.values():
+        for key in keys:
+            out[key] = max(0.0, out[key] + draw())  # clamping is post-processing
+    if all(k in out for k in CONFUSION_KEYS):
+        tp, fp, tn, fn = (out[k] for k in ("tp", "fp", "tn", "fn"))
+        if n_classes == 2:
+            out.update(counts_metrics(tp, fp, tn, fn))
+            out[NUM_EXAMPLES] = tp + fp + tn + fn
+        else:
+            out[NUM_EXAMPLES] = (tp + fp + tn + fn) / n_classes
+            for key in ("acc", "sen", "spc", "pre", "f1"):
+                out[key] = math.nan  # macro averages need the per-class tables, which are not released
+    for key in NOT_RELEASED:
+        if key in out:
+            out[key] = math.nan
+    ledger.releases.append(ReleaseEntry(run_id, rnd, split, policy.release_noise, scale, sensitivity, cost, total, policy.delta))
+    ledger.save()
+    return out
