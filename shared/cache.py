@@ -29,11 +29,15 @@ import numpy as np
 from shared.dicom import DicomError
 
 CACHE_DIRNAME = ".fedmsk-cache"
+# bump when what intake concludes from a file's bytes changes (a reason, a detail, a frame choice):
+# cached outcomes, errors included, of older code are then ignored
+INTAKE_VERSION = 2
 
 
 def content_key(path: Path) -> str:
-    """Hash of the file's bytes (BLAKE2b, 128 bit)."""
-    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    """Hash of the file's bytes (BLAKE2b, 128 bit), read in 1 MiB chunks: memory stays flat for a large cine."""
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
 def combined_key(parts: list[str]) -> str:
@@ -58,6 +62,7 @@ class PreprocessCache:
     """Content-keyed store for header facts and preprocessed arrays; ``root=None`` disables it."""
 
     def __init__(self, root: Path | None, config: dict[str, Any]) -> None:
+        config = {**config, "intake": INTAKE_VERSION}
         self.root = root
         self.config_hash = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=8).hexdigest()
         self.hits = 0
@@ -78,7 +83,7 @@ class PreprocessCache:
 
     def header(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Header facts of the file with content ``key``; DicomError (cached too) if unreadable."""
-        return self._cached_json("headers", key, compute)
+        return self._cached_json(f"headers-{INTAKE_VERSION}", key, compute)
 
     def _cached_json(self, kind: str, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         if self.root is None:

@@ -13,17 +13,26 @@ caller can report the file instead of crashing.
 
 from __future__ import annotations
 
-import zlib
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
-from pydicom.uid import UID
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 # Which package (never a GPL one) gives pydicom a decoder for a syntax it cannot read as installed.
 # Keys are transfer syntax UID prefixes/values; the message reaches the hospital operator.
@@ -79,76 +88,251 @@ def decoder_package(uid: str) -> str:
     return _DECODER_PACKAGES.get(str(uid), _NO_DECODER)
 
 
+def clip(text: str, limit: int = 200) -> str:
+    """``text`` shortened to at most ``limit`` characters at a word boundary, never mid-word."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:(") + "…"
+
+
+def _raw_text(ds: Dataset, keyword: str) -> str:
+    """The element's bytes as written (for a message), without converting them."""
+    try:
+        raw = ds.get_item(keyword)
+        value = getattr(raw, "value", raw)
+        return clip(value.decode("ascii", "replace").strip("\x00 ") if isinstance(value, bytes) else str(value), 40)
+    except Exception:  # the message must never fail on the file it describes
+        return "?"
+
+
+def element(ds: Dataset, keyword: str, convert: Callable[[Any], Any], default: Any = None) -> Any:
+    """``convert(ds.keyword)``, or ``default`` when absent/empty; DicomError naming the tag when invalid.
+
+    pydicom converts IS/DS/US values when they are first read, so a header holding letters where
+    a number belongs raises there (a ValueError that names no file); this names the element instead.
+    """
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return default
+        return convert(value)
+    except Exception as exc:
+        tag = tag_for_keyword(keyword)
+        where = f"({tag >> 16:04X},{tag & 0xFFFF:04X})" if tag is not None else ""
+        vr = dictionary_VR(tag) if tag is not None else "?"
+        raise DicomError(
+            "invalid_header_value",
+            f"{keyword} {where} holds '{_raw_text(ds, keyword)}', not a valid {vr} value ({type(exc).__name__})",
+        ) from None
+
+
+def _floats(value: Any) -> list[float]:
+    return [float(v) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value])]
+
+
 def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     """PixelSpacing (patient plane) first, then ImagerPixelSpacing (detector plane, projection X-ray)."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(keyword)
+        value = element(ds, keyword, _floats)
         if value is not None and len(value) == 2:
-            row, col = float(value[0]), float(value[1])
+            row, col = value
             if row > 0 and col > 0:
                 return row, col
-    shared = ds.get("SharedFunctionalGroupsSequence")  # enhanced multi-frame objects
+    shared = element(ds, "SharedFunctionalGroupsSequence", lambda v: v)  # enhanced multi-frame objects
     if shared:
         measures = shared[0].get("PixelMeasuresSequence")
         if measures and "PixelSpacing" in measures[0]:
-            row, col = (float(v) for v in measures[0].PixelSpacing)
-            return row, col
+            spacing = element(measures[0], "PixelSpacing", _floats)
+            if spacing and len(spacing) == 2:
+                return spacing[0], spacing[1]
     return None
 
 
 def header_meta(ds: Dataset) -> dict[str, Any]:
     """The header facts linking, series assembly and the check summary need (JSON-serialisable)."""
-
-    def floats(keyword: str) -> list[float] | None:
-        value = ds.get(keyword)
-        return [float(v) for v in value] if value is not None and len(value) else None
-
+    text = lambda keyword: str(element(ds, keyword, str, "")).strip()  # noqa: E731
+    integer = lambda keyword, default=0: element(ds, keyword, int, default)  # noqa: E731
     file_meta = getattr(ds, "file_meta", None)
     ts = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     return {
-        "patient_id": str(ds.get("PatientID", "") or "").strip(),
-        "modality": str(ds.get("Modality", "") or ""),
+        "patient_id": text("PatientID"),
+        "modality": text("Modality"),
         "transfer_syntax": str(ts or ""),
-        "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
-        "rows": int(ds.get("Rows", 0) or 0),
-        "columns": int(ds.get("Columns", 0) or 0),
-        "frames": int(ds.get("NumberOfFrames", 1) or 1),
-        "bits_stored": int(ds.get("BitsStored", 0) or 0),
+        "photometric": text("PhotometricInterpretation"),
+        "rows": integer("Rows"),
+        "columns": integer("Columns"),
+        "frames": max(1, integer("NumberOfFrames", 1)),
+        "bits_stored": integer("BitsStored"),
         "spacing_mm": list(sp) if (sp := _pixel_spacing(ds)) else None,
-        "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
-        "series_description": str(ds.get("SeriesDescription", "") or ""),
-        "series_number": int(ds.get("SeriesNumber", 0) or 0),
-        "instance_number": int(ds.get("InstanceNumber", 0) or 0),
-        "position": floats("ImagePositionPatient"),
-        "orientation": floats("ImageOrientationPatient"),
-        "has_pixels": any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")),
+        "series_uid": text("SeriesInstanceUID"),
+        "series_description": text("SeriesDescription"),
+        "series_number": integer("SeriesNumber"),
+        "instance_number": integer("InstanceNumber"),
+        "position": element(ds, "ImagePositionPatient", _floats),
+        "orientation": element(ds, "ImageOrientationPatient", _floats),
+        "note": getattr(ds, "fedmsk_note", ""),  # read without a meta header: said in the report
     }
 
 
-def read_dataset(path: str | Path, header_only: bool = False) -> Dataset:
-    """dcmread with intake's reasons: not DICOM, truncated (header cut short)."""
+_DEFER = "256 KB"  # values this large (pixel data) stay on disk until decoded
+
+# elements the display pipeline converts: checked up front so a bad one is named, not a ValueError
+_PIXEL_KEYWORDS = (
+    "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel",
+    "NumberOfFrames", "PlanarConfiguration", "RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth",
+)
+
+# what the first bytes of a file say it is, for a file that is not DICOM
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"PK\x03\x04", "a ZIP archive (also .xlsx/.docx)"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an OLE document (Excel .xls / Word .doc)"),
+    (b"%PDF", "a PDF document"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"\x1f\x8b", "a gzip archive"),
+)
+
+
+def _what_is(head: bytes) -> str:
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    try:
+        sample = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data of an unknown format"
+    if all(c.isprintable() or c in "\r\n\t" for c in sample):
+        return f"a text file starting '{clip(sample, 40)}'"
+    return "binary data of an unknown format"
+
+
+def _looks_like_dataset(ds: Dataset) -> bool:
+    """A force-read that produced real DICOM elements (text read by force gives nonsense tags)."""
+    known = [t for t in ds.keys() if t.group in (0x0008, 0x0010, 0x0018, 0x0020, 0x0028, 0x7FE0)]
+    return len(known) >= 3 and len(known) >= len(ds.keys()) // 2
+
+
+def _read_without_meta(p: Path, header_only: bool) -> Dataset:
+    """A file without the 'DICM' preamble: DICOM without its meta header (read, with a note) or not DICOM."""
+    head = p.open("rb").read(132)
+    try:
+        ds = pydicom.dcmread(p, stop_before_pixels=header_only, force=True)
+        usable = _looks_like_dataset(ds)
+    except Exception:
+        usable = False
+    if not usable:
+        raise DicomError("not_dicom", f"not a DICOM file: no 'DICM' marker at byte 128 and no DICOM elements at its "
+                                      f"start; it looks like {_what_is(head)}", p)
+    if not ds.file_meta.get("TransferSyntaxUID"):
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    ds.fedmsk_note = (f"DICOM without its meta header (no 'DICM' preamble): read as "
+                      f"{UID(ds.file_meta.TransferSyntaxUID).name}")
+    return ds
+
+
+def _parsed_end(ds: Dataset) -> int | None:
+    """Byte offset where the last top-level element read ends, or None when it cannot be told."""
+    keys = list(ds.keys())
+    if not keys:
+        return None
+    elem = ds.get_item(max(keys))
+    tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+    if tell is None or length is None or length == 0xFFFFFFFF:
+        return None
+    return int(tell) + int(length)
+
+
+def _check_complete(ds: Dataset, p: Path, size: int, header_only: bool) -> None:
+    """A file cut short is 'truncated', whatever element the cut fell in (pydicom stops silently)."""
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if getattr(ds, "file_meta", None) is not None else ""
+    if ts == DeflatedExplicitVRLittleEndian:
+        return  # offsets are in the inflated stream
+    end = _parsed_end(ds)
+    if end is None:
+        if not len(ds):
+            raise DicomError("truncated", f"the file ends after its meta header ({size} bytes), before any element", p)
+        return
+    if end > size:
+        tag = ds.get_item(max(ds.keys())).tag
+        if not dictionary_has_tag(tag) and not tag.is_private:
+            raise DicomError("decode_failed", f"the header is damaged: {tag} at byte {end - ds.get_item(tag).length} "
+                                              f"is no DICOM element (it declares {end - size} bytes beyond the file's end)", p)
+        raise DicomError("truncated", f"the file ends at byte {size}, inside {tag} {keyword_for_tag(tag) or ''}"
+                                      f" which needs {end - size} more byte(s)", p)
+    if not header_only and 0 < size - end < 12:  # a cut element header: too short to be another element
+        raise DicomError("truncated", f"the file ends {size - end} byte(s) into an element header after byte {end}", p)
+    if header_only and end < size:
+        with p.open("rb") as fh:
+            fh.seek(end)
+            nxt = fh.read(4)
+        little = ds.original_encoding[1] if ds.original_encoding[1] is not None else True
+        if len(nxt) < 4:
+            raise DicomError("truncated", f"the file ends {size - end} byte(s) into an element header after byte {end}", p)
+        group = int.from_bytes(nxt[:2], "little" if little else "big")
+        if group < 0x7FE0:  # pydicom stops before pixel data only; anything earlier means it stopped on damage
+            raise DicomError("decode_failed", f"the header cannot be parsed beyond byte {end} of {size}", p)
+
+
+def read_dataset(path: str | Path, header_only: bool = False, defer_pixels: bool = False) -> Dataset:
+    """dcmread with intake's reasons: not DICOM (saying what it is), truncated, unparseable header.
+
+    ``defer_pixels`` leaves large values (pixel data) on disk until read: for frame-wise decoding.
+    """
     p = Path(path)
-    if p.stat().st_size == 0:
+    size = p.stat().st_size
+    if size == 0:
         raise DicomError("not_dicom", "empty file (0 bytes)", p)
     try:
-        return pydicom.dcmread(p, stop_before_pixels=header_only)
-    except InvalidDicomError as exc:
-        raise DicomError("not_dicom", str(exc), p) from None
+        ds = pydicom.dcmread(p, stop_before_pixels=header_only, defer_size=_DEFER if defer_pixels else None)
+    except InvalidDicomError:
+        ds = _read_without_meta(p, header_only)
     except (EOFError, OSError) as exc:
-        raise DicomError("truncated", f"header ends early ({exc})", p) from None
-    except (zlib.error, ValueError, KeyError, TypeError) as exc:  # mangled headers / deflate streams
-        raise DicomError("decode_failed", f"header cannot be parsed ({type(exc).__name__}: {exc})", p) from None
+        raise DicomError("truncated", f"header ends early ({clip(str(exc))})", p) from None
+    except Exception as exc:  # mangled headers / deflate streams: pydicom raises many types
+        raise DicomError("decode_failed", f"header cannot be parsed ({type(exc).__name__}: {clip(str(exc))})", p) from None
+    _check_complete(ds, p, size, header_only)
+    return ds
+
+
+def _guard(stage: str, p: Path, work: Callable[[], Any]) -> Any:
+    """Run one stage on one file; any exception becomes that file's DicomError (stage in the detail)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns on invalid values; the report says what matters
+            return work()
+    except DicomError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- one file's failure must never stop the others
+        raise DicomError("decode_failed", f"{stage}: {type(exc).__name__}: {clip(str(exc))}", p) from None
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
     """Header facts without decoding pixels (cheap: used to link and group every file first)."""
-    return header_meta(read_dataset(path, header_only=True))
+    p = Path(path)
+    return _guard("reading the header", p, lambda: header_meta(read_dataset(p, header_only=True)))
 
 
-def stored_pixels(ds: Dataset, path: Path) -> np.ndarray:
-    """Stored values as pydicom decodes them (colour already in RGB), with intake's reasons."""
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+def _has_pixels(ds: Dataset) -> bool:
+    return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _decodable(ds: Dataset, path: Path) -> str:
+    """Refuse a dataset without usable pixel data or decoder before decoding; returns the transfer syntax."""
+    for keyword in _PIXEL_KEYWORDS:
+        element(ds, keyword, _floats)
+    if not _has_pixels(ds):
         raise DicomError("no_pixel_data", f"no (7FE0,0010) Pixel Data (SOP class {ds.get('SOPClassUID', '?')})", path)
+    pixel_item = next(ds.get_item(k) for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds)
+    if getattr(pixel_item, "length", None) == 0 or (getattr(pixel_item, "value", None) is not None and len(pixel_item.value) == 0):
+        raise DicomError("no_pixel_data", f"the {pixel_item.tag} pixel data element is empty (0 bytes)", path)
     if int(ds.get("Rows", 0) or 0) == 0 or int(ds.get("Columns", 0) or 0) == 0:
         raise DicomError("zero_size_image", f"Rows={ds.get('Rows')} Columns={ds.get('Columns')}", path)
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if getattr(ds, "file_meta", None) is not None else ""
@@ -163,19 +347,43 @@ def stored_pixels(ds: Dataset, path: Path) -> np.ndarray:
             "unsupported_transfer_syntax",
             f"no installed decoder for {syntax_name(ts)}; install {decoder_package(ts)}", path,
         )
+    return ts
+
+
+def _decode_error(exc: Exception, ts: str, path: Path) -> DicomError:
+    msg = clip(str(exc).replace("\n", " "))
+    if any(s in msg for s in ("less than expected", "length of the pixel data", "shorter than", "insufficient")) or isinstance(exc, EOFError):
+        return DicomError("truncated", f"pixel data is incomplete ({msg})", path)
+    if "does not support" in msg or "precision" in msg:
+        return DicomError(
+            "unsupported_transfer_syntax",
+            f"{syntax_name(ts)} with these parameters cannot be decoded here ({clip(msg, 160)}); "
+            f"decoders: {decoder_package(ts)}", path,
+        )
+    return DicomError("decode_failed", f"{syntax_name(ts)}: {type(exc).__name__}: {msg}", path)
+
+
+def stored_pixels(ds: Dataset, path: Path, frame: int | None = None) -> np.ndarray:
+    """Stored values as pydicom decodes them (colour already in RGB), with intake's reasons.
+
+    ``frame`` decodes that frame alone, read from the file: pydicom then reads only that frame's
+    bytes, so memory does not grow with the number of frames (``ds`` was read without pixels).
+    """
+    ts = _decodable(ds, path)
+    if frame is not None:
+        frames = element(ds, "NumberOfFrames", int, 1)
+        if not 0 <= frame < max(1, frames):
+            raise DicomError("decode_failed", f"frame {frame} asked for, the file has {frames}", path)
     try:
-        return ds.pixel_array
+        from_file = not getattr(ds, "fedmsk_note", "") and ts != DeflatedExplicitVRLittleEndian  # both need ds
+        if frame is not None and from_file:
+            return pixel_array(path, index=frame)
+        arr = ds.pixel_array
+        if frame is not None and element(ds, "NumberOfFrames", int, 1) > 1:
+            arr = arr[frame]
+        return arr
     except Exception as exc:  # pydicom and its plugins raise many types; each one is reported, never raised
-        msg = str(exc).replace("\n", " ")
-        if any(s in msg for s in ("less than expected", "length of the pixel data", "shorter than")) or isinstance(exc, EOFError):
-            raise DicomError("truncated", f"pixel data is incomplete ({msg[:200]})", path) from None
-        if "does not support" in msg or "precision" in msg:
-            raise DicomError(
-                "unsupported_transfer_syntax",
-                f"{syntax_name(ts)} with these parameters cannot be decoded here ({msg[:160]}); "
-                f"decoders: {decoder_package(ts)}", path,
-            ) from None
-        raise DicomError("decode_failed", f"{syntax_name(ts)}: {type(exc).__name__}: {msg[:200]}", path) from None
+        raise _decode_error(exc, ts, path) from None
 
 
 def _to_gray(arr: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -254,13 +462,21 @@ def scale_unit(values: np.ndarray, value_range: tuple[float, float] | None, mono
     return out.astype(np.float32)
 
 
-def read_image(path: str | Path) -> DecodedImage:
-    """Decode a DICOM file to gray float32 pixels in [0, 1]; raises DicomError with a reason."""
+def read_image(path: str | Path, frame: int | None = None) -> DecodedImage:
+    """Decode a DICOM file to gray float32 pixels in [0, 1]; raises DicomError with a reason.
+
+    ``frame=None`` decodes every frame ([frames, rows, cols] for a multi-frame file, scaled together);
+    ``frame=k`` decodes frame k alone ([rows, cols]), without reading the other frames' bytes.
+    """
     p = Path(path)
-    ds = read_dataset(p)
-    stored = stored_pixels(ds, p)
-    values, voi = to_display(stored, ds)
-    pixels = scale_unit(values, voi, monochrome1=str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1")
-    if not np.isfinite(pixels).all():
-        raise DicomError("decode_failed", "decoded pixels contain NaN/inf", p)
-    return DecodedImage(pixels=pixels, spacing_mm=_pixel_spacing(ds), meta=header_meta(ds))
+
+    def work() -> DecodedImage:
+        ds = read_dataset(p, defer_pixels=frame is not None)
+        stored = stored_pixels(ds, p, frame)
+        values, voi = to_display(stored, ds)
+        pixels = scale_unit(values, voi, monochrome1=str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1")
+        if not np.isfinite(pixels).all():
+            raise DicomError("decode_failed", "decoded pixels contain NaN/inf", p)
+        return DecodedImage(pixels=pixels, spacing_mm=_pixel_spacing(ds), meta=header_meta(ds))
+
+    return _guard("decoding the pixels", p, work)

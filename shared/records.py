@@ -14,6 +14,7 @@ from dataclasses import dataclass
 REASONS: dict[str, str] = {
     # clinical table, whole file
     "clinical_csv_unreadable": "export clinical.csv as a CSV file (UTF-8, comma or semicolon separated) with a header row",
+    "clinical_csv_empty": "export the patients' rows into clinical.csv: it has a header but no data rows",
     "missing_column": "add the column to clinical.csv under the name the task config declares",
     # clinical table, per row
     "missing_patient_id": "fill in patient_id for this row",
@@ -35,11 +36,13 @@ REASONS: dict[str, str] = {
     "no_matching_series": "export the series the task asks for (task.series_description) or change task.image_select",
     # DICOM files
     "not_dicom": "remove the file from images/ or re-export it from the PACS as DICOM (Part 10)",
+    "no_meta_header": "nothing needed (fedmsk read it); re-export as DICOM Part 10 so that every tool can read it",
+    "invalid_header_value": "re-export the file, or correct the named element: its value does not fit its DICOM type",
     "truncated": "re-export the file: it ends before its pixel data is complete",
     "no_pixel_data": "export the image itself, not a report/structured document without pixels",
     "zero_size_image": "re-export the image: Rows or Columns is 0",
     "unsupported_transfer_syntax": "install the decoder named in the detail, or re-export uncompressed",
-    "decode_failed": "re-export the file; the detail gives the decoder's message",
+    "decode_failed": "re-export the file; the detail gives the stage and the decoder's message",
     "no_pixel_spacing": "export PixelSpacing/ImagerPixelSpacing, or set task.spacing_mm=null",
     "wrong_modality": "export the modality the task needs (2D radiograph vs CT series)",
     # CT series

@@ -25,7 +25,7 @@ from monai.data import Dataset as MonaiDataset
 from shared.cache import CACHE_DIRNAME, PreprocessCache, combined_key, content_key
 from shared.clinical import ClinicalScaler, read_table
 from shared.config import SplitConfig, TaskConfig
-from shared.dicom import DicomError, read_header, read_image
+from shared.dicom import DicomError, clip, read_header, read_image
 from shared.records import RecordIssue, issue
 from shared.series import group_by_series, order_slices, read_volume
 from shared.transforms import preprocess, preprocessing_key, train_augmentation
@@ -114,24 +114,37 @@ class _Loader:
         return str(path)
 
     def scan(self) -> dict[str, list[str]]:
-        """Read every file's header once; return patient_id -> [relative file] for readable images."""
+        """Read every file's header once; return patient_id -> [relative file] for readable images.
+
+        A file is known by its path relative to the site folder, whether it was found under
+        images/ or named by manifest.csv and whatever form of the site path was typed, so each
+        file is read and reported once. Any failure on one file is that file's finding.
+        """
         manifest, problems = read_manifest(self.root)
         self.issues.extend(problems)
-        files = sorted(set(image_files(self.root)) | set(manifest), key=lambda p: self.rel(p))
+        found: dict[str, Path] = {self.rel(p): p for p in image_files(self.root)}
+        for path in manifest:
+            found.setdefault(self.rel(path), path)
+        listed = {self.rel(path): pid for path, pid in manifest.items()}
         by_patient: dict[str, list[str]] = defaultdict(list)
-        for n, path in enumerate(files, start=1):
-            rel = self.rel(path)
+        for n, rel in enumerate(sorted(found), start=1):
+            path = found[rel]
             try:
                 key = self.keys[rel] = content_key(path)
                 meta = self.cache.header(key, lambda: read_header(path))
             except DicomError as exc:
-                self.issues.append(issue(exc.reason, file=rel, detail=exc.detail))
+                self.issues.append(issue(exc.reason, listed.get(rel, ""), rel, exc.detail))
+                continue
+            except OSError as exc:  # unreadable file (permissions, vanished): a finding, not a crash
+                self.issues.append(issue("decode_failed", listed.get(rel, ""), rel,
+                                         f"reading the file: {clip(exc.strerror or str(exc))}",
+                                         "make the file readable by the account running fedmsk, or re-export it"))
                 continue
             finally:
                 if self.progress:
-                    self.progress("headers", n, len(files))
+                    self.progress("headers", n, len(found))
             self.headers[rel] = meta
-            pid = manifest.get(path.resolve(), meta["patient_id"]) if manifest else meta["patient_id"]
+            pid = listed.get(rel, meta["patient_id"]) if manifest else meta["patient_id"]
             if not pid:
                 self.issues.append(issue("no_patient_id", file=rel, detail="PatientID (0010,0020) is empty"))
                 continue
@@ -158,15 +171,15 @@ class _Loader:
             path = self.root / unit.files[0]
 
             def compute() -> np.ndarray:
-                img = read_image(path)
-                pixels = img.pixels[0] if img.pixels.ndim == 3 else img.pixels  # multi-frame 2D: first frame
-                return preprocess(pixels, self._spacing(img.spacing_mm), self.task)
+                img = read_image(path, frame=0)  # a 2D task uses the first frame: the others are never decoded
+                return _preprocessed(lambda: preprocess(img.pixels, self._spacing(img.spacing_mm), self.task))
 
             return self.cache.array(self.keys[unit.files[0]], compute)
         geometry = order_slices(self.headers, list(unit.files))  # header-only: cheap, never cached
 
         def compute_volume() -> np.ndarray:
-            return preprocess(read_volume(self.root, geometry), self._spacing(geometry.spacing_mm), self.task)
+            volume = read_volume(self.root, geometry)
+            return _preprocessed(lambda: preprocess(volume, self._spacing(geometry.spacing_mm), self.task))
 
         return self.cache.array(combined_key([self.keys[f] for f in unit.files]), compute_volume)
 
@@ -192,21 +205,40 @@ class _Loader:
             ordered = matching
         chosen: list[tuple[np.ndarray, str]] = []
         for unit in ordered:
+            note = self._note(unit)
             if chosen and task.image_select != "all":
-                note = f"image_select={task.image_select}"
+                why = f"image_select={task.image_select}" + (f"; {note}" if note else "")
                 if self.verify_all:  # `fedmsk check` decodes every image once, used or not
                     try:
                         self.decode(unit)
                     except DicomError as exc:
-                        self.issues.append(issue(exc.reason, pid, unit.name, f"{exc.detail} (not selected: {note})", kept=True))
+                        self.issues.append(issue(exc.reason, pid, unit.name, f"{exc.detail} (not selected: {why})", kept=True))
                         continue
-                self.issues.append(issue("image_not_selected", pid, unit.name, note, kept=True))
+                self.issues.append(issue("image_not_selected", pid, unit.name, why, kept=True))
                 continue
             try:
                 chosen.append((self.decode(unit), unit.name))
             except DicomError as exc:
-                self.issues.append(issue(exc.reason, pid, unit.name, exc.detail))
+                self.issues.append(issue(exc.reason, pid, unit.name, exc.detail + (f" ({note})" if note else "")))
+                continue
+            if note:
+                self.issues.append(issue("no_meta_header", pid, unit.name, note, kept=True))
         return chosen
+
+    def _note(self, unit: _Unit) -> str:
+        """What the report must say about how a unit's files were read (e.g. without a meta header)."""
+        notes = sorted({self.headers[f].get("note", "") for f in unit.files} - {""})
+        return "; ".join(notes)
+
+
+def _preprocessed(work: Callable[[], np.ndarray]) -> np.ndarray:
+    """Preprocessing failures (an image MONAI cannot resize) are the file's finding, cached as such."""
+    try:
+        return work()
+    except DicomError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- one image must never stop the site
+        raise DicomError("decode_failed", f"preprocessing: {type(exc).__name__}: {clip(str(exc))}") from None
 
 
 def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None = None, use_cache: bool = True,

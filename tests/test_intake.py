@@ -143,7 +143,7 @@ def test_cache_serves_warm_loads_and_is_invalidated_by_config_or_content(tmp_pat
     assert (root / ".fedmsk-cache").is_dir()
     decoded: list[str] = []
     real_read = sitedata.read_image
-    monkeypatch.setattr(sitedata, "read_image", lambda p: decoded.append(p.name) or real_read(p))
+    monkeypatch.setattr(sitedata, "read_image", lambda p, **kw: decoded.append(p.name) or real_read(p, **kw))
     monkeypatch.setattr(sitedata, "read_header", lambda p: pytest.fail("header read again on a warm cache"))
     warm = load_site(root, task_config(**TASK))
     assert decoded == [] and np.array_equal(warm.images, cold.images)
@@ -151,7 +151,7 @@ def test_cache_serves_warm_loads_and_is_invalidated_by_config_or_content(tmp_pat
     assert sorted(decoded) == ["p0.dcm", "p1.dcm", "p2.dcm", "p3.dcm"] and bigger.images.shape[-1] == 24
     decoded.clear()
     monkeypatch.undo()
-    monkeypatch.setattr(sitedata, "read_image", lambda p: decoded.append(p.name) or real_read(p))
+    monkeypatch.setattr(sitedata, "read_image", lambda p, **kw: decoded.append(p.name) or real_read(p, **kw))
     write_dicom(root / "images" / "p2.dcm", ramp(high=100), patient_id="p2")  # re-exported file
     again = load_site(root, task_config(**TASK))
     assert decoded == ["p2.dcm"] and np.array_equal(again.images[[0, 1, 3]], cold.images[[0, 1, 3]])
