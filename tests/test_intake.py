@@ -185,3 +185,80 @@ def test_check_verb_reports_and_exits_by_min_usable(messy_site, capsys):
     assert fedmsk(["check", str(root), "task.image_size=[16,16]", "task.min_usable=9"]) == 1
     assert "8 usable labelled patients, the task needs at least 9" in capsys.readouterr().out
     assert fedmsk(["check", str(root / "images")]) == 2
+
+
+def _report(root) -> list[dict[str, str]]:
+    with (root / REPORT_NAME).open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_a_letter_in_a_numeric_header_is_that_files_finding_and_the_others_go_on(tmp_path, capsys):
+    root = write_site(tmp_path / "s", [valid_row(f"p{i}", label=i % 2) for i in range(4)],
+                      images={f"p{i}": ramp() for i in range(3)})
+    ds = make_dataset(np.stack([ramp(), ramp()]), patient_id="p3")
+    ds.NumberOfFrames = "2"
+    ds.save_as(root / "images" / "p3.dcm", enforce_file_format=True)
+    data = (root / "images" / "p3.dcm").read_bytes()
+    at = data.find(b"\x28\x00\x08\x00IS") + 8  # (0028,0008) IS: its 2-byte value
+    (root / "images" / "p3.dcm").write_bytes(data[:at] + b"X2" + data[at + 2:])
+    site = load_site(root, task_config(**TASK))
+    assert site.patient_ids == ["p0", "p1", "p2"]
+    (bad,) = [i for i in site.issues if i.file == "images/p3.dcm"]
+    assert bad.reason == "invalid_header_value" and "NumberOfFrames (0028,0008) holds 'X2'" in bad.detail
+    assert fedmsk(["check", str(root), "task.image_size=[16,16]", "task.min_usable=3"]) == 0
+    assert [r["reason"] for r in _report(root) if r["file"] == "images/p3.dcm"] == ["invalid_header_value"]
+
+
+def test_relative_site_path_with_a_manifest_lists_each_file_once(tmp_path, monkeypatch):
+    root = write_site(tmp_path / "hospital" / "site", [valid_row("p1"), valid_row("p2", label=1)],
+                      images={"p1": ramp(), "p2": ramp()})
+    (root / "manifest.csv").write_text("patient_id,path\np1,images/p1.dcm\np2,images/p2.dcm\n")
+    monkeypatch.chdir(tmp_path)
+    for typed in ("hospital/site", "./hospital/../hospital/site", str(root)):
+        site = load_site(typed, task_config(**TASK))
+        assert site.files == ["images/p1.dcm", "images/p2.dcm"] and site.issues == [], (typed, site.issues)
+
+
+def test_not_dicom_says_what_the_file_is_and_names_the_manifest_patient(tmp_path):
+    root = write_site(tmp_path / "s", [valid_row("p1"), valid_row("p2", label=1)], images={"p2": ramp()})
+    (root / "images" / "p1.dcm").write_bytes(b"%PDF-1.4 radiology report\n" * 20)
+    (root / "manifest.csv").write_text("patient_id,path\np1,images/p1.dcm\np2,images/p2.dcm\n")
+    site = load_site(root, task_config(**TASK))
+    (bad,) = [i for i in site.issues if i.file == "images/p1.dcm"]
+    assert bad.reason == "not_dicom" and bad.patient_id == "p1"
+    assert "a PDF document" in bad.detail and "force" not in bad.detail.casefold()
+
+
+def test_dicom_without_meta_header_is_read_and_said(tmp_path):
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    root = write_site(tmp_path / "s", [valid_row("p1")])
+    ds = make_dataset(ramp(), patient_id="p1")
+    del ds.file_meta
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, ds)
+    (root / "images").mkdir()
+    (root / "images" / "p1.dcm").write_bytes(fp.getvalue())  # no preamble, no 'DICM', no group 0002
+    site = load_site(root, task_config(**TASK))
+    assert site.patient_ids == ["p1"]
+    (note,) = site.issues
+    assert note.reason == "no_meta_header" and note.kept and "Implicit VR Little Endian" in note.detail
+
+
+@pytest.mark.parametrize("keep", [200, 420, 600])
+def test_a_file_cut_short_in_its_header_is_truncated_not_without_pixels(tmp_path, keep):
+    root = write_site(tmp_path / "s", [valid_row("p1")], images={"p1": ramp()})
+    path = root / "images" / "p1.dcm"
+    path.write_bytes(path.read_bytes()[:keep])
+    (found,) = [i for i in load_site(root, task_config(**TASK)).issues if i.file == "images/p1.dcm"]
+    assert found.reason == "truncated", found
+
+
+def test_details_are_never_cut_mid_word():
+    from shared.dicom import clip
+
+    text = "the decoder said: " + " ".join(["pneumatisation"] * 40)
+    out = clip(text, 100)
+    assert len(out) <= 100 and out.endswith("…") and out[:-1].split()[-1] in ("pneumatisation", "said")
