@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from client.ledger import PrivacyLedger
 from client.privacy import SitePrivacy, resolve_policy
 from client.release import release_counts
+from client.local_state import site_local_params
 from client.site import SiteIdentity, resolve_site
 from client.trainer import build_screener, evaluate, make_loader, train_local
 from shared.config import FedmskConfig, from_yaml
@@ -67,22 +68,24 @@ def _site_datasets(data_dir: str, task_yaml: str, seed: int, private: bool):
     return datasets
 
 
-def _prepare(node_config: dict[str, Any], job_yaml: str, weights: dict[str, torch.Tensor]):
+def _prepare(node_config: dict[str, Any], job_yaml: str, weights: dict[str, torch.Tensor], run_id: str = ""):
     cfg = _job(job_yaml)
     site = resolve_site(node_config, cfg)
     policy = resolve_policy(node_config, cfg.privacy, site.data_dir)  # the site's own budget wins
     torch.set_num_threads(max(1, cfg.federation.torch_threads))
     datasets = _site_datasets(str(site.data_dir), job_yaml, cfg.seed, policy.enabled)
     screener = build_screener(cfg)
-    screener.load_state_dict(weights)
+    local = site_local_params(cfg, site.data_dir, run_id, screener)  # FedBN-style: this site's own part
+    screener.load_state_dict(local.fill(weights, screener.state_dict()) if local else weights)
     return cfg, site, policy, datasets, screener
 
 
 def run_train(
-    node_config: dict[str, Any], job_yaml: str, weights: dict[str, torch.Tensor], server_round: int, run_id: str = ""
+    node_config: dict[str, Any], job_yaml: str, weights: dict[str, torch.Tensor], server_round: int, run_id: str = "",
+    proximal_mu: float = 0.0,
 ) -> tuple[SiteIdentity, dict[str, torch.Tensor], dict[str, float]]:
     """One round of local training at this site: returns (site, new weights, metrics)."""
-    cfg, site, policy, datasets, screener = _prepare(node_config, job_yaml, weights)
+    cfg, site, policy, datasets, screener = _prepare(node_config, job_yaml, weights, run_id)
     privacy = None
     if policy.enabled:
         privacy = SitePrivacy.open(site.data_dir, policy)
@@ -97,14 +100,15 @@ def run_train(
         )
     # site-secret order: never derived from the seed or round the server sent (client.randomness)
     loader = make_loader(datasets["train"], cfg.federation.batch_size, shuffle=True, seed=None)
-    result = train_local(screener, loader, cfg.federation, site.device, privacy=privacy)
+    result = train_local(screener, loader, cfg.federation, site.device, privacy=privacy, proximal_mu=proximal_mu)
     # the same keys with and without DP (Flower aborts a run whose sites reply with different keys);
     # under DP the loss/accuracy of the private batches are not covered by the guarantee: NaN, and
     # steps is the accountant's count (the physical-batch count depends on the Poisson draw)
     dp_metrics = privacy.end_round() if privacy is not None else {"dp": 0.0, "epsilon": 0.0, "delta": 0.0}
     metrics = result.metrics() | dp_metrics
     state = {k: v.detach().cpu() for k, v in screener.state_dict().items()}
-    return site, state, metrics
+    local = site_local_params(cfg, site.data_dir, run_id, screener)
+    return site, (local.keep(state) if local else state), metrics
 
 
 def run_evaluate(
@@ -118,7 +122,7 @@ def run_evaluate(
     """
     if split not in EVAL_SPLITS:
         raise ValueError(f"split '{split}' asked by the server: this site answers only for {', '.join(EVAL_SPLITS)}")
-    cfg, site, policy, datasets, screener = _prepare(node_config, job_yaml, weights)
+    cfg, site, policy, datasets, screener = _prepare(node_config, job_yaml, weights, run_id)
     loader = make_loader(datasets[split], cfg.federation.batch_size, shuffle=False, seed=cfg.seed)
     metrics = evaluate(screener, loader, site.device)
     if policy.release_noise != "none":  # the site's policy: counts noised and accounted (client.release)
@@ -132,7 +136,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     weights = record_to_state(msg.content[ARRAYS])
     site, state, metrics = run_train(
-        dict(context.node_config), str(config[JOB_KEY]), weights, int(config["server-round"]), str(config.get(RUN_ID_KEY, ""))
+        dict(context.node_config), str(config[JOB_KEY]), weights, int(config["server-round"]), str(config.get(RUN_ID_KEY, "")),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # sent by Flower's FedProx (strategy=fedprox)
     )
     content = site_reply(
         site_name=site.name, metrics=metrics, allowed=TRAIN_METRIC_KEYS, state=state, expected_keys=set(weights)

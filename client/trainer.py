@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from client.randomness import site_generator
+from client.proximal import ProximalTerm
 from shared.config import FederationConfig
 from shared.losses import build_criterion
 from shared.metrics import classification_metrics
@@ -89,17 +90,22 @@ def train_local(
     *,
     epochs: int | None = None,
     privacy=None,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Train ``screener`` in place for ``epochs`` (default: fed.local_epochs) passes.
 
     ``privacy``: a ``client.privacy.SitePrivacy`` (``make_private`` wraps module, optimizer
     and loader for DP-SGD; ``detach`` unhooks the module afterwards), or None for plain training.
+    ``proximal_mu``: FedProx's pull toward the weights it starts from (client.proximal).
     """
     screener.to(device).train()
     optimizer = make_optimizer([p for p in screener.parameters() if p.requires_grad], fed)
+    proximal = ProximalTerm(screener, proximal_mu) if proximal_mu else None
     module: nn.Module = screener
     if privacy is not None:
         module, optimizer, loader = privacy.make_private(screener, optimizer, loader)
+    if proximal is not None:
+        proximal.attach(optimizer)  # after DP clipping and noise: the term holds no patient data
     total_loss, total_correct, total_seen, steps = 0.0, 0, 0, 0
     for _ in range(epochs or fed.local_epochs):
         for batch in loader:

@@ -1,7 +1,9 @@
 """Aggregation strategies, chosen by name from ``configs/strategy/*.yaml``.
 
-The arithmetic is Flower's (``flwr.serverapp.strategy``); this module only maps a config
-to a strategy object and supplies the evaluation-metric aggregation fedmsk reports:
+The arithmetic is Flower's (``flwr.serverapp.strategy``: FedAvg, FedProx, FedAdam, FedYogi,
+FedMedian, FedTrimmedAvg, Krum, MultiKrum, the DP clipping wrapper); this module only maps a
+config to a strategy object, checks the strategy's settings at start (``check_strategy``), and
+supplies the evaluation-metric aggregation fedmsk reports:
 threshold metrics pooled exactly from the sites' confusion counts, AUC and loss as
 example-weighted means over sites (AUC cannot be pooled without per-patient scores, which
 never leave a site).
@@ -100,7 +102,99 @@ def _dp_fedavg(run: FedmskConfig) -> Strategy:
     return with_client_level_dp(inner, noise_multiplier=noise, clipping_norm=cfg.client_dp_clip, num_sites=cfg.min_train_nodes)
 
 
-STRATEGIES: dict[str, Callable[[FedmskConfig], Strategy]] = {"fedavg": _fedavg, "dp_fedavg": _dp_fedavg}
+def _fedprox(run: FedmskConfig) -> Strategy:
+    """FedProx: Flower's class sends ``proximal-mu``; each site adds the term (client.proximal)."""
+    from flwr.serverapp.strategy import FedProx
+
+    return FedProx(**_sampling(run), proximal_mu=run.strategy.proximal_mu)
+
+
+def _fedopt(cls_name: str) -> Callable[[FedmskConfig], Strategy]:
+    """FedAdam / FedYogi: a server optimiser on the averaged update; its moments are checkpointed
+    every round and restored on resume (server.strategy_state)."""
+
+    def build(run: FedmskConfig) -> Strategy:
+        import flwr.serverapp.strategy as strategies
+
+        s = run.strategy
+        return getattr(strategies, cls_name)(**_sampling(run), eta=s.server_lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
+
+    return build
+
+
+def _fedmedian(run: FedmskConfig) -> Strategy:
+    from flwr.serverapp.strategy import FedMedian
+
+    return FedMedian(**_sampling(run))
+
+
+def _fedtrimmedavg(run: FedmskConfig) -> Strategy:
+    from flwr.serverapp.strategy import FedTrimmedAvg
+
+    return FedTrimmedAvg(**_sampling(run), beta=run.strategy.trim_beta)
+
+
+def _krum(run: FedmskConfig) -> Strategy:
+    from flwr.serverapp.strategy import Krum
+
+    return Krum(**_sampling(run), num_malicious_nodes=run.strategy.num_malicious)
+
+
+def _multikrum(run: FedmskConfig) -> Strategy:
+    from flwr.serverapp.strategy import MultiKrum
+
+    s = run.strategy
+    return MultiKrum(**_sampling(run), num_malicious_nodes=s.num_malicious, num_nodes_to_select=s.num_selected)
+
+
+STRATEGIES: dict[str, Callable[[FedmskConfig], Strategy]] = {
+    "fedavg": _fedavg,
+    "dp_fedavg": _dp_fedavg,
+    "fedprox": _fedprox,
+    "fedadam": _fedopt("FedAdam"),
+    "fedyogi": _fedopt("FedYogi"),
+    "fedbn": _fedavg,  # FedAvg over the shared parameters; strategy.local_params stay at the sites
+    "fedmedian": _fedmedian,
+    "fedtrimmedavg": _fedtrimmedavg,
+    "krum": _krum,
+    "multikrum": _multikrum,
+}
+
+
+def check_strategy(cfg: FedmskConfig) -> None:
+    """Refuse strategy settings that cannot work, at start, naming the key (ConfigError)."""
+    from shared.config import ConfigError
+
+    s = cfg.strategy
+    if s.name not in STRATEGIES:
+        raise ConfigError(f"config 'strategy.name' is '{s.name}'; available: {', '.join(sorted(STRATEGIES))}")
+    if s.proximal_mu < 0:
+        raise ConfigError(f"config 'strategy.proximal_mu' is {s.proximal_mu}; it must be >= 0")
+    if s.name == "fedprox" and s.proximal_mu == 0:
+        raise ConfigError("config 'strategy.proximal_mu' is 0, which makes fedprox plain FedAvg; set mu > 0 or use strategy=fedavg")
+    if s.proximal_mu > 0 and s.name != "fedprox":
+        raise ConfigError(f"config 'strategy.proximal_mu' is set but strategy '{s.name}' never sends it; use strategy=fedprox")
+    if not 0 <= s.trim_beta < 0.5:
+        raise ConfigError(f"config 'strategy.trim_beta' is {s.trim_beta}; it must be in [0, 0.5)")
+    if s.server_lr <= 0 or not (0 <= s.beta_1 < 1 and 0 <= s.beta_2 < 1) or s.tau <= 0:
+        raise ConfigError("config 'strategy.server_lr' and 'tau' must be > 0, 'beta_1' and 'beta_2' in [0, 1)")
+    if s.num_malicious < 0 or s.num_selected < 1 or s.exclude_after_rejections < 0:
+        raise ConfigError("config 'strategy.num_malicious' and 'exclude_after_rejections' must be >= 0, 'num_selected' >= 1")
+    if s.name in ("krum", "multikrum") and s.num_malicious and s.min_train_nodes < 2 * s.num_malicious + 3:
+        raise ConfigError(
+            f"config 'strategy.num_malicious' is {s.num_malicious}: Krum tolerates f byzantine sites only among "
+            f"at least 2f+3 = {2 * s.num_malicious + 3}; raise strategy.min_train_nodes or lower num_malicious"
+        )
+    if s.name == "fedbn" and not s.local_params:
+        raise ConfigError("strategy 'fedbn' needs 'strategy.local_params' (e.g. ['@norm']) to name what stays at the sites")
+    if s.local_params:
+        if cfg.federation.secure_aggregation:
+            raise ConfigError("config 'strategy.local_params' cannot be combined with federation.secure_aggregation "
+                              "(SecAgg+ masks the whole parameter vector)")
+        from client.local_state import local_keys
+        from client.trainer import build_screener
+
+        local_keys(build_screener(cfg), s.local_params)  # a pattern naming nothing is an error here
 
 
 def build_strategy(cfg: FedmskConfig) -> Strategy:

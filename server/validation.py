@@ -46,3 +46,28 @@ def check_update(global_arrays: ArrayRecord, content, max_update_norm: float) ->
     if norm > max_update_norm:
         return Verdict(False, f"update norm {norm:.3g} exceeds the limit {max_update_norm:.3g}", norm)
     return Verdict(True, update_norm=norm)
+
+
+class RejectionTracker:
+    """Counts each site's rejected updates in a row; after ``limit`` of them the site is excluded.
+
+    A site whose every update fails the checks is either broken or hostile; asking it again each
+    round costs a round trip and fills the log. ``limit`` 0 never excludes. Keyed by Flower node id.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.streak: dict[int, int] = {}
+        self.excluded: set[int] = set()
+
+    def record(self, node: int, ok: bool) -> bool:
+        """Note one verdict; True when this rejection is the one that excludes the site."""
+        self.streak[node] = 0 if ok else self.streak.get(node, 0) + 1
+        if not ok and self.limit and self.streak[node] >= self.limit and node not in self.excluded:
+            self.excluded.add(node)
+            return True
+        return False
+
+    def allowed(self, messages):
+        """The messages not addressed to an excluded site."""
+        return [m for m in messages if m.metadata.dst_node_id not in self.excluded]

@@ -106,6 +106,18 @@ class StrategyConfig:
     client_dp_epsilon: float = 8.0
     client_dp_delta: float = 1e-5
     client_dp_clip: float = 1.0
+    # strategy-specific settings (server/strategy.py reads them; the YAML of each choice sets them)
+    proximal_mu: float = 0.0  # fedprox: mu/2 * ||w - w_global||^2 at each site
+    server_lr: float = 0.1  # fedadam / fedyogi: server learning rate (eta)
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    trim_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end, per coordinate
+    num_malicious: int = 0  # krum / multikrum: sites assumed to be byzantine
+    num_selected: int = 1  # multikrum: updates averaged after selection
+    # parameters that stay at each site and never travel ("@norm": every normalisation layer)
+    local_params: list[str] = field(default_factory=list)
+    exclude_after_rejections: int = 0  # a site rejected this many rounds in a row is dropped (0: never)
 
 
 @dataclass
@@ -214,10 +226,9 @@ def validate(cfg: FedmskConfig) -> None:
     from shared.losses import check_dp_safe
 
     check_dp_safe(cfg)  # a batch-coupled aux loss under DP is refused before anything starts
-    from server.strategy import STRATEGIES
+    from server.strategy import check_strategy
 
-    if cfg.strategy.name not in STRATEGIES:
-        raise ConfigError(f"config 'strategy.name' is '{cfg.strategy.name}'; available: {', '.join(sorted(STRATEGIES))}")
+    check_strategy(cfg)
     if cfg.num_sites < 1 or cfg.rounds < 1:
         raise ConfigError("config 'num_sites' and 'rounds' must be at least 1")
     if not 0 < cfg.task.split.val + cfg.task.split.test < 1:
