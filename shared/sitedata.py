@@ -242,8 +242,11 @@ def _preprocessed(work: Callable[[], np.ndarray]) -> np.ndarray:
 
 
 def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None = None, use_cache: bool = True,
-              verify_all: bool = False) -> SiteData:
+              verify_all: bool = False, labelled_only: bool = True) -> SiteData:
     """Read, validate, link and decode one site; unusable records become issues, never exceptions.
+
+    ``labelled_only=False`` (scoring new patients, `fedmsk predict`) keeps unlabelled patients
+    too, with label -1.
 
     ``verify_all`` also decodes the images the task does not select (for `fedmsk check`), so a
     broken file is found before it is the one a changed image_select would pick.
@@ -269,7 +272,7 @@ def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None 
     for n, row in enumerate(rows, start=1):
         if progress:
             progress("images", n, len(rows))
-        if row.label is None:
+        if row.label is None and labelled_only:
             loader.issues.append(issue("unlabelled", row.patient_id, f"clinical.csv:{row.line}"))
             continue
         files = by_patient.get(row.patient_id)
@@ -281,7 +284,7 @@ def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None 
             ids.append(row.patient_id)
             images.append(array)
             raw.append(row.values)
-            labels.append(row.label)
+            labels.append(-1 if row.label is None else row.label)
             sources.append(rel)
 
     size = tuple(task.image_size)
