@@ -29,6 +29,7 @@ from shared.dicom import DicomError, clip, read_header, read_image
 from shared.records import RecordIssue, issue
 from shared.series import group_by_series, order_slices, read_volume
 from shared.transforms import preprocess, preprocessing_key, train_augmentation
+from shared.volume import ct_input, is_enhanced, volume_key
 
 __all__ = ["RecordIssue", "SiteData", "load_site", "split_indices", "make_datasets", "image_files"]
 
@@ -101,7 +102,7 @@ class _Loader:
     def __init__(self, root: Path, task: TaskConfig, progress: Progress | None, use_cache: bool, verify_all: bool) -> None:
         self.root, self.task, self.progress, self.verify_all = root, task, progress, verify_all
         self.resolved_root = root.resolve()
-        self.cache = PreprocessCache(root / CACHE_DIRNAME if use_cache else None, preprocessing_key(task))
+        self.cache = PreprocessCache(root / CACHE_DIRNAME if use_cache else None, preprocessing_key(task) | volume_key(task))
         self.issues: list[RecordIssue] = []
         self.headers: dict[str, dict[str, Any]] = {}
         self.keys: dict[str, str] = {}
@@ -175,6 +176,9 @@ class _Loader:
                 return _preprocessed(lambda: preprocess(img.pixels, self._spacing(img.spacing_mm), self.task))
 
             return self.cache.array(self.keys[unit.files[0]], compute)
+        if self.task.hu_window is not None or self.task.crop != "center" or is_enhanced(self.headers, unit.files):
+            files = list(unit.files)  # HU window, isotropic resampling, spine crop, enhanced CT: shared/volume.py
+            return self.cache.array(combined_key([self.keys[f] for f in files]), lambda: ct_input(self.root, files, self.headers, self.task))
         geometry = order_slices(self.headers, list(unit.files))  # header-only: cheap, never cached
 
         def compute_volume() -> np.ndarray:
