@@ -21,31 +21,23 @@ def _run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from shared.config import compose
-    from simulation.synth import site_specs, total_steps, write_federation
+    from simulation.generators import generator_for
 
     cfg = compose(args.overrides)
     console = Console()
-    specs = site_specs(cfg)  # config mistakes surface before anything is drawn
+    generator = generator_for(cfg)
+    columns, rows = generator.describe(cfg)  # config mistakes surface before anything is drawn
     with Progress(
-        TextColumn("drawing radiographs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        TextColumn(generator.what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
-        task = progress.add_task("synth", total=total_steps(cfg))
-        root = write_federation(cfg, advance=lambda: progress.advance(task))
+        task = progress.add_task("synth", total=generator.total_steps(cfg))
+        root = generator.write_federation(cfg, lambda: progress.advance(task))
 
-    table = Table(title=f"synthetic federation (seed {cfg.seed})")
-    for col in ("site", "patients", "prevalence", "scanner", "spacing", "missing", "sex"):
-        table.add_column(col, justify="right" if col in ("patients", "prevalence", "missing") else "left")
-    for sp in specs:
-        sc = sp.scanner
-        table.add_row(
-            sp.name,
-            str(sp.patients),
-            f"{sp.prevalence:.2f}",
-            f"{sc.modality} {sc.photometric} {sc.bits_stored}-bit",
-            f"{sc.spacing_mm} mm",
-            f"{sp.missing_rate:.2f}",
-            "/".join(sp.sex_spelling),
-        )
+    table = Table(title=f"synthetic federation for {cfg.task.name} (seed {cfg.seed})")
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("patients", "prevalence", "fractures", "missing") else "left")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     console.print(f"written to [bold]{root.resolve()}[/] (oracle.csv and README.txt beside the site folders)")
     return 0
@@ -54,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
 VERBS = [
     Verb(
         "synth",
-        "write synthetic hospitals (DICOM hip radiographs + clinical.csv, known ground truth) under data_root",
+        "write synthetic hospitals for the task (DICOM radiographs or CT series + clinical.csv, known ground truth) under data_root",
         _add_arguments,
         _run,
         role="researcher",
