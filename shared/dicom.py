@@ -243,7 +243,7 @@ def _parsed_end(ds: Dataset) -> int | None:
     keys = list(ds.keys())
     if not keys:
         return None
-    elem = ds.get_item(max(keys))
+    elem = ds.get_item(max(keys), keep_deferred=True)  # never read a deferred value (pixel data) for this
     tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
     if tell is None or length is None or length == 0xFFFFFFFF:
         return None
@@ -261,9 +261,10 @@ def _check_complete(ds: Dataset, p: Path, size: int, header_only: bool) -> None:
             raise DicomError("truncated", f"the file ends after its meta header ({size} bytes), before any element", p)
         return
     if end > size:
-        tag = ds.get_item(max(ds.keys())).tag
+        last = ds.get_item(max(ds.keys()), keep_deferred=True)
+        tag = last.tag
         if not dictionary_has_tag(tag) and not tag.is_private:
-            raise DicomError("decode_failed", f"the header is damaged: {tag} at byte {end - ds.get_item(tag).length} "
+            raise DicomError("decode_failed", f"the header is damaged: {tag} at byte {end - last.length} "
                                               f"is no DICOM element (it declares {end - size} bytes beyond the file's end)", p)
         raise DicomError("truncated", f"the file ends at byte {size}, inside {tag} {keyword_for_tag(tag) or ''}"
                                       f" which needs {end - size} more byte(s)", p)
@@ -330,7 +331,7 @@ def _decodable(ds: Dataset, path: Path) -> str:
         element(ds, keyword, _floats)
     if not _has_pixels(ds):
         raise DicomError("no_pixel_data", f"no (7FE0,0010) Pixel Data (SOP class {ds.get('SOPClassUID', '?')})", path)
-    pixel_item = next(ds.get_item(k) for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds)
+    pixel_item = next(ds.get_item(k, keep_deferred=True) for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds)
     if getattr(pixel_item, "length", None) == 0 or (getattr(pixel_item, "value", None) is not None and len(pixel_item.value) == 0):
         raise DicomError("no_pixel_data", f"the {pixel_item.tag} pixel data element is empty (0 bytes)", path)
     if int(ds.get("Rows", 0) or 0) == 0 or int(ds.get("Columns", 0) or 0) == 0:

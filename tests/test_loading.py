@@ -155,3 +155,24 @@ def test_train_augmentation_is_seeded_and_stays_in_range(tmp_path):
         assert 0.0 <= x.min() and x.max() <= 1.0
     plain = make_datasets(site, task_config(image_size=[16, 16], augment=False), seed=7)["train"]
     assert any(not torch.equal(one[i], plain[i]["image"]) for i in range(3))
+
+
+def test_memory_does_not_grow_with_the_frames_a_2d_task_does_not_use(tmp_path):
+    """A 2D task keeps frame 0 of a multi-frame file; the other frames are never decoded or read."""
+    import tracemalloc
+
+    peaks = {}
+    for frames in (2, 60):
+        root = write_site(tmp_path / f"s{frames}", [valid_row("p1")])
+        stack = np.stack([ramp(128, 128, high=4000 - 10 * k) for k in range(frames)])
+        write_dicom(root / "images" / "p1.dcm", stack, patient_id="p1")
+        load_site(root, task_config(image_size=[16, 16]), use_cache=False)  # imports and lazy set-up first
+        tracemalloc.start()
+        site = load_site(root, task_config(image_size=[16, 16]), use_cache=False, verify_all=True)
+        peaks[frames] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert site.patient_ids == ["p1"]
+        single = load_site(write_site(tmp_path / f"one{frames}", [valid_row("p1")],
+                                      images={"p1": stack[0]}), task_config(image_size=[16, 16]), use_cache=False)
+        np.testing.assert_allclose(site.images, single.images, atol=1e-6)  # frame 0, as if exported alone
+    assert peaks[60] < 1.5 * peaks[2], peaks  # 58 more frames: 1.9 MB stored, 7.6 MB as float64 if decoded
