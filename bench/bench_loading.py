@@ -92,11 +92,57 @@ def training_rate(site_dir: Path, cfg: FedmskConfig, steps: int) -> float | None
     return steps * cfg.federation.batch_size / (time.perf_counter() - start)
 
 
+def multiframe_peaks(folder: Path, frames: tuple[int, ...], size: int = 256) -> dict[str, dict[str, float]]:
+    """Peak traced memory (MB) of `fedmsk check`'s load of one colour cine of each frame count.
+
+    Beside it, decoding every frame of the same file (what intake did before it decoded only the
+    frame a 2D task keeps). tracemalloc sees numpy and pydicom buffers, not torch's allocator.
+    """
+    import tracemalloc
+
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    from shared.dicom import read_image
+
+    out: dict[str, dict[str, float]] = {}
+    for n in frames:
+        site = folder / f"cine{n}"
+        (site / "images").mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(n)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientID, ds.Modality, ds.NumberOfFrames, ds.Rows, ds.Columns = "c1", "XA", n, size, size
+        ds.SamplesPerPixel, ds.PlanarConfiguration, ds.PhotometricInterpretation = 3, 0, "RGB"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PixelData = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8).tobytes()
+        ds.save_as(site / "images" / "cine.dcm", enforce_file_format=True)
+        (site / "clinical.csv").write_text("patient_id,age,sex,height_cm,weight_kg,bmi,grip_strength_kg,gait_speed_m_s,"
+                                           "sarcopenia\nc1,70,F,165,70,25.7,28,1.0,0\n")
+        task = compose([]).task
+        load_site(site, task, use_cache=False)
+        peaks = {}
+        for name, work in (("check", lambda: load_site(site, task, use_cache=False, verify_all=True)),
+                           ("decode_all_frames", lambda: read_image(site / "images" / "cine.dcm"))):
+            tracemalloc.start()
+            work()
+            peaks[name] = tracemalloc.get_traced_memory()[1] / 1e6
+            tracemalloc.stop()
+        out[str(n)] = {"file_mb": (site / "images" / "cine.dcm").stat().st_size / 1e6, **peaks}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patients", type=int, default=150)
     parser.add_argument("--steps", type=int, default=20, help="timed MM-CL training steps")
     parser.add_argument("--repeats", type=int, default=3, help="warm loads; the best is reported")
+    parser.add_argument("--cine-frames", type=int, nargs="*", default=[2, 120],
+                        help="frame counts of the 256x256 colour cine whose check peak memory is measured")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     from simulation.synth import write_federation
@@ -111,6 +157,7 @@ def main() -> None:
         rows = {"explicit_vr_le": loading_rates(site, cfg, args.repeats), "jpeg2000_lossless": loading_rates(j2k, cfg, args.repeats)}
         epoch = epoch_rate(site, cfg)
         train = training_rate(site, cfg, args.steps)
+        cine = multiframe_peaks(Path(tmp) / "cine", tuple(args.cine_frames))
 
     table = Table(title=f"loading vs MM-CL training, {args.patients} patients, input {cfg.task.image_size}, "
                         f"{torch.get_num_threads()} torch threads")
@@ -123,12 +170,16 @@ def main() -> None:
     console.print(f"augmented training epoch from memory: {epoch:.0f} img/s")
     console.print(f"MM-CL training step (batch {cfg.federation.batch_size}): "
                   + (f"{train:.0f} img/s" if train else "shared.models not available"))
+    for n, r in cine.items():
+        console.print(f"colour cine 256x256, {n} frames ({r['file_mb']:.1f} MB): check peak {r['check']:.1f} MB "
+                      f"(decoding every frame: {r['decode_all_frames']:.1f} MB)")
     result = {
         "bench": "loading", "patients": args.patients, "image_size": cfg.task.image_size, "batch_size": cfg.federation.batch_size,
         "torch_threads": torch.get_num_threads(), "machine": platform.platform(), "loading": rows,
         "epoch_img_s": epoch, "training_img_s": train,
         "warm_over_training": {k: r["warm_img_s"] / train for k, r in rows.items()} if train else None,
         "goal_warm_over_training": 3.0,
+        "multiframe_peak_mb": cine,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "bench_loading.json"
