@@ -60,8 +60,12 @@ def test_plan_refuses_fewer_than_three_sites_and_too_many_dropouts():
 
 
 @pytest.mark.deploy
-def test_server_sees_only_masked_updates_and_the_sum_matches_fedavg(tmp_path):
+def test_server_sees_only_masked_updates_and_the_sum_matches_fedavg(tmp_path, monkeypatch):
     from flwr.simulation import run_simulation
+
+    from client.randomness import INSECURE_SEED_ENV
+
+    monkeypatch.setenv(INSECURE_SEED_ENV, "secagg-test")  # the sites' shuffles, repeatable to recompute below
 
     data, run_dir = tmp_path / "sites", tmp_path / "run"
     cfg = compose(TINY + [f"data_root={data}", f"run_dir={run_dir}"])
