@@ -95,7 +95,7 @@ def _server_args(p: argparse.ArgumentParser) -> None:
 
 def _server(args: argparse.Namespace) -> int:
     from server.provision import Consortium
-    from server.superlink import CoordinatorServer
+    from server.superlink import CoordinatorServer, ServerDied
 
     console = Console()
     c = Consortium(args.dir)
@@ -108,34 +108,48 @@ def _server(args: argparse.Namespace) -> int:
                       f"sites connect to {c.info().public_address}")
         console.print(f"Flower CLI: FLWR_HOME={srv.home} flwr ls consortium   |   submit: fedmsk launch --dir {args.dir}")
         try:
-            while srv.superlink.alive() and (srv.gateway is None or srv.gateway.alive()):
+            while True:
+                for event in srv.supervise():  # a dead SuperLink, executor or gateway is named and restarted
+                    console.print(f"[yellow]{event}[/]", highlight=False, soft_wrap=True)
                 time.sleep(1)
         except KeyboardInterrupt:
             return 0
-    dead = srv.superlink if not srv.superlink.alive() else srv.gateway
-    console.print(f"[red]{dead.name} stopped (code {dead.returncode()}); see {dead.log_path}[/]")
-    return 1
+        except ServerDied as exc:
+            console.print(f"[red]{exc}[/]", highlight=False, soft_wrap=True)
+            return 1
 
 
 def _launch_args(p: argparse.ArgumentParser) -> None:
     _dir(p)
     p.add_argument("--app", default=None, help="the Flower app folder to run (default: this fedmsk installation)")
     p.add_argument("--no-stream", action="store_true", help="do not print the run's log while waiting")
-    p.add_argument("--timeout", type=float, default=None, help="stop the run after this many seconds")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="stop the run after this many seconds (default: 600 + (2 x rounds + 2) x strategy.round_timeout_s)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the run, e.g. rounds=10 model=image_only")
 
 
 def _launch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from server.launch import launch
+    from server.launch import LaunchError, launch, resume_hint
     from server.provision import Consortium
 
-    result = launch(Consortium(args.dir), args.overrides, app_dir=Path(args.app) if args.app else None,
-                    stream=not args.no_stream, timeout_s=args.timeout)
     console = Console()
+    consortium = Consortium(args.dir)
+    try:
+        result = launch(consortium, args.overrides, app_dir=Path(args.app) if args.app else None,
+                        stream=not args.no_stream, timeout_s=args.timeout)
+    except LaunchError as exc:
+        console.print(f"[red]{exc}[/]", highlight=False, soft_wrap=True)
+        return 1
     colour = "green" if result.ok else "red"
-    console.print(f"[{colour}]run {result.run_id}: {result.status}[/] (app build {result.fab_hash}); run folder {result.run_dir}")
+    console.print(f"[{colour}]run {result.run_id}: {result.status}[/] (app build {result.fab_hash}); run folder {result.run_dir}",
+                  highlight=False, soft_wrap=True)
+    if not result.ok:
+        if result.reason:
+            console.print(f"[red]{result.reason}[/]", highlight=False, soft_wrap=True)
+        console.print(f"after fixing the cause: {resume_hint(consortium, args.overrides, result.run_dir)}",
+                      highlight=False, soft_wrap=True)
     return 0 if result.ok else 1
 
 

@@ -32,7 +32,7 @@ def _join(args: argparse.Namespace) -> int:
     code = node.wait()
     reason = node.explain_exit()
     if code and reason:
-        console.print(f"[red]{reason}[/]")
+        console.print(f"[red]{reason}[/]", highlight=False, soft_wrap=True)
     return code
 
 

@@ -40,6 +40,39 @@ EXIT_REASONS = (
     ("Exit Code: 305", "could not connect to the server; check the address in join.yaml and your network"),
     ("Exit Code: 302", "the site key is not a valid ECDSA P-384 OpenSSH key; ask your coordinator for a new bundle"),
 )
+REVOKED = ("this site's key was revoked by the coordinator (the server no longer accepts it); ask your coordinator "
+           "for a new bundle (`fedmsk certs add-site NAME --rotate`)")
+GRACEFUL = "SuperNode terminated gracefully"
+
+
+def key_refused(settings: "JoinSettings", node_id: int) -> bool | None:
+    """Ask the server whether it still accepts this site's key (None: the server cannot be reached).
+
+    Flower's SuperNode answers a 401 from the SuperLink (its key is no longer registered) by
+    sending itself SIGINT and logging only "terminated gracefully", exit code 0. One signed Fleet
+    request as that node tells the cases apart: the SuperLink's node authentication
+    (``superlink/routers/fleet/node_auth.py``) answers 401 only when the key no longer maps to
+    the node id; a registered key gets past it (to a harmless "no such run").
+    """
+    import httpx
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.proto.run_pb2 import GetRunRequest  # pylint: disable=no-name-in-module
+    from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    key = load_ssh_private_key(settings.private_key.read_bytes(), None)
+    with FleetHttpClient.from_server_address(
+        settings.superlink, False, str(settings.ca_certificate),
+        interceptors=[NodeAuthHttpInterceptor(key, key.public_key())],
+    ) as client:
+        try:
+            client.GetRun(GetRunRequest(node=Node(node_id=node_id), run_id=0))
+        except httpx.HTTPStatusError as exc:
+            return exc.response.status_code == httpx.codes.UNAUTHORIZED
+        except httpx.HTTPError:
+            return None
+    return False
 
 
 @dataclass(frozen=True)
@@ -134,6 +167,7 @@ class SiteNode:
         self.max_retries = max_retries
         self.supernode: ManagedProcess | None = None
         self.executor: ManagedProcess | None = None
+        self.stopped_by_us = False  # Ctrl-C / SIGTERM / stop(): not a failure
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -179,29 +213,59 @@ class SiteNode:
         return self
 
     def explain_exit(self) -> str | None:
-        """Why the SuperNode stopped, in the site operator's words (None while it runs)."""
+        """Why the SuperNode stopped, in the site operator's words (None while it runs).
+
+        Only this start's log is read (``ManagedProcess.log_text``): an earlier start's cause
+        is not this one's.
+        """
         if self.supernode is None or self.supernode.alive():
             return None
         # Flower logs its own exit code ("Exit Code: 305") even where the process status is 1.
         text = self.supernode.log_text()
         codes = re.findall(r"Exit Code: (\d+)", text)
         code = int(codes[-1]) if codes else self.supernode.returncode()
-        reason = next((meaning for needle, meaning in EXIT_REASONS if needle in text), f"see {self.supernode.log_path}")
-        return f"SuperNode stopped (Flower exit code {code}): {reason}"
+        reason = next((meaning for needle, meaning in EXIT_REASONS if needle in text), None)
+        if reason is None and GRACEFUL in text and not self.stopped_by_us:
+            reason = self._why_graceful(text)
+        return f"SuperNode stopped (Flower exit code {code}): {reason or f'see {self.supernode.log_path}'}"
+
+    def _why_graceful(self, text: str) -> str:
+        """A SuperNode that stopped itself "gracefully": revoked, or something the log shows."""
+        ids = re.findall(r"SuperNode ID: (\d+)", text)
+        refused = None
+        if ids:
+            try:
+                refused = key_refused(self.settings, int(ids[-1]))
+            except Exception as exc:  # noqa: BLE001 - the probe only explains; it never hides the stop
+                refused = None
+                text += f"\n(could not ask the server about the key: {exc})"
+        if refused:
+            return REVOKED
+        if refused is None:
+            return f"it stopped on its own and the server cannot be reached to say why; see {self.supernode.log_path}"
+        return f"it stopped on its own although the server still accepts this site's key; see {self.supernode.log_path}"
 
     def wait(self, poll: float = 1.0) -> int:
-        """Block until the SuperNode exits (or Ctrl-C); returns its exit code."""
+        """Block until the SuperNode exits (or Ctrl-C); returns the exit code for `fedmsk join`.
+
+        A SuperNode only ever stops on its own for a reason (revoked key, server gone, ...), even
+        when Flower exits 0 ("terminated gracefully"): that is a failure of the join (1 or
+        Flower's code). Ctrl-C or SIGTERM of `fedmsk join` returns 0.
+        """
         assert self.supernode is not None
         try:
             while self.supernode.alive():
                 time.sleep(poll)
         except KeyboardInterrupt:
+            self.stopped_by_us = True
             return 0
         finally:
             self.stop()
-        return int(self.supernode.returncode() or 0)
+        return int(self.supernode.returncode() or 1)
 
     def stop(self) -> None:
+        if self.supernode is not None and self.supernode.alive():
+            self.stopped_by_us = True
         for proc in (self.executor, self.supernode):
             if proc is not None:
                 proc.stop()

@@ -5,6 +5,10 @@
 watching, and takes the verdict from the run's status in ``flwr ls --run-id`` (Flower's
 ``finished:completed | failed | stopped``). The Hydra overrides travel in the run config key
 ``overrides``; they are composed here first so a typo fails before anything is submitted.
+
+``launch`` never waits forever: the run is stopped after a deadline (``--timeout``, else one
+derived from the run's config, ``default_timeout``), and a SuperLink that stops answering for
+``UNREACHABLE_S`` ends the wait with a ``LaunchError`` that says how to resume the run.
 """
 
 from __future__ import annotations
@@ -19,9 +23,43 @@ from pathlib import Path
 
 from server.provision import Consortium, ProvisionError
 from server.superlink import CONNECTION, flwr_cli, flwr_env, flwr_home
-from shared.config import ConfigError, compose
+from shared.config import ConfigError, FedmskConfig, compose
 
 COMPLETED = "finished:completed"
+UNREACHABLE_S = 30.0  # the SuperLink answering nothing this long ends the wait
+STARTUP_S = 600.0  # building, shipping and starting the ServerApp, and the sites' first processes
+NON_FEDMSK_TIMEOUT_S = 3600.0  # an app without fedmsk's configs/: no config to derive a deadline from
+
+
+class LaunchError(ProvisionError):
+    """The run could not be followed to its end (SuperLink gone, deadline passed); says how to go on."""
+
+
+def default_timeout(cfg: FedmskConfig) -> float:
+    """Seconds to wait for a run: every exchange may take the config's round timeout.
+
+    An exchange is a train or an evaluation message round; a run has ``rounds`` train rounds,
+    a validation round after each and before the first, and the final test round.
+    """
+    exchanges = 2 * cfg.rounds + 2
+    return STARTUP_S + exchanges * float(cfg.strategy.round_timeout_s)
+
+
+def resume_hint(consortium: Consortium, overrides: list[str], run_dir: Path | None) -> str:
+    kept = [o for o in overrides if not o.startswith(("run_dir=", "resume="))]
+    return (f"restart `fedmsk server --dir {consortium.root}` if it is down, then resume from the last checkpoint: "
+            f"fedmsk launch --dir {consortium.root} {' '.join(shlex.quote(o) for o in kept)} resume=true run_dir={run_dir}")
+
+
+def run_outcome(run_dir: Path | None) -> str | None:
+    """Why the ServerApp stopped the run, from the run folder it wrote (summary.json's `stopped`)."""
+    summary = run_dir / "summary.json" if run_dir is not None else None
+    if summary is None or not summary.is_file():
+        return None
+    try:
+        return json.loads(summary.read_text()).get("stopped")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 @dataclass
@@ -30,6 +68,7 @@ class LaunchResult:
     status: str
     fab_hash: str
     run_dir: Path | None
+    reason: str | None = None  # why the run stopped, when the ServerApp said so
 
     @property
     def ok(self) -> bool:
@@ -77,6 +116,7 @@ class RunWatcher:
         from flwr.cli.typing import SuperLinkConnection
         from flwr.cli.utils import init_http_client_from_connection
 
+        self.address = local_address
         conn = SuperLinkConnection(name=CONNECTION, address=local_address, root_certificates=str(consortium.ca_cert))
         self.client = init_http_client_from_connection(conn)
 
@@ -108,8 +148,13 @@ def launch(
     stream: bool = True,
     poll_s: float = 2.0,
     timeout_s: float | None = None,
+    unreachable_s: float | None = None,
 ) -> LaunchResult:
-    """Submit a run, stream its log (optional) and wait for its final status."""
+    """Submit a run, stream its log (optional) and wait for its final status.
+
+    Raises ``LaunchError`` when the deadline passes (the run is stopped) or the SuperLink stops
+    answering; both messages say how to resume.
+    """
     consortium.require()
     app = (app_dir or default_app_dir()).resolve()
     check_app(app)
@@ -121,30 +166,50 @@ def launch(
     else:
         run_dir = Path(next(o for o in overrides if o.startswith("run_dir=")).split("=", 1)[1])
     if (app / "configs" / "config.yaml").is_file():  # a fedmsk app: fail here, not in the ServerApp, on a wrong key
-        compose(overrides, config_dir=app / "configs")
+        cfg = compose(overrides, config_dir=app / "configs")
+        timeout_s = default_timeout(cfg) if timeout_s is None else timeout_s
+    timeout_s = NON_FEDMSK_TIMEOUT_S if timeout_s is None else timeout_s
     home = flwr_home(consortium)
     started = flwr_cli(home, "run", str(app), CONNECTION, "--run-config", overrides_config(overrides), timeout=300)
     run_id = str(started["run-id"])
-    print(f"run {run_id} submitted (app build sha256 {started.get('fab-hash', '?')}…); following it", flush=True)
+    print(f"run {run_id} submitted (app build sha256 {started.get('fab-hash', '?')}…); following it "
+          f"(gives up after {timeout_s:.0f} s)", flush=True)
 
     log_proc = None
     if stream:
         exe = Path(sys.executable).with_name("flwr")
         log_proc = subprocess.Popen(  # noqa: S603
             [str(exe) if exe.exists() else "flwr", "log", run_id, CONNECTION, "--stream"], env=flwr_env(home),
-            stdin=subprocess.DEVNULL, cwd=home,
+            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=home,  # its traceback when the SuperLink goes says nothing
         )
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout_s
+    unreachable_s = UNREACHABLE_S if unreachable_s is None else unreachable_s
     status, fab_hash = "pending", ""
     watcher = RunWatcher(consortium, _local_address(home))
+    silent_since: float | None = None
     try:
         while True:
-            status, fab_hash = watcher.status(run_id)
+            try:
+                status, fab_hash = watcher.status(run_id)
+                silent_since = None
+            except Exception as exc:  # noqa: BLE001 - any failure to reach the Control API
+                silent_since = silent_since or time.monotonic()
+                if time.monotonic() - silent_since >= unreachable_s:
+                    raise LaunchError(
+                        f"the SuperLink at {watcher.address} stopped answering while run {run_id} was {status} "
+                        f"({type(exc).__name__}: {str(exc)[:200]}); the run is lost on its side, its checkpoints are in "
+                        f"{run_dir}. To go on: {resume_hint(consortium, overrides, run_dir)}"
+                    ) from None
             if status.startswith("finished"):
                 break
-            if deadline is not None and time.monotonic() > deadline:
-                flwr_cli(home, "stop", run_id, CONNECTION)
-                raise ProvisionError(f"run {run_id} did not finish within {timeout_s:.0f} s; stopped it")
+            if time.monotonic() > deadline:
+                try:
+                    flwr_cli(home, "stop", run_id, CONNECTION, timeout=60)
+                    stopped = "stopped it"
+                except ProvisionError as exc:
+                    stopped = f"could not stop it ({exc})"
+                raise LaunchError(f"run {run_id} did not finish within {timeout_s:.0f} s; {stopped}. "
+                                  f"Raise --timeout, or resume: {resume_hint(consortium, overrides, run_dir)}")
             time.sleep(poll_s)
     finally:
         watcher.close()
@@ -154,4 +219,4 @@ def launch(
             except subprocess.TimeoutExpired:
                 log_proc.terminate()
                 log_proc.wait(timeout=10)
-    return LaunchResult(run_id=run_id, status=status, fab_hash=fab_hash, run_dir=run_dir)
+    return LaunchResult(run_id=run_id, status=status, fab_hash=fab_hash, run_dir=run_dir, reason=run_outcome(run_dir))

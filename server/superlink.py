@@ -12,6 +12,23 @@ so that people used to Flower see the same state with ``flwr ls`` / ``flwr log``
   the gateway (server/gateway.py), never this port.
 - The coordinator's Flower CLI config lives in ``<consortium>/flwr-home`` (``FLWR_HOME``) with
   one connection named ``fedmsk``.
+- The executor (Flower's ``flower-superexec``, which starts one ServerApp process per run) is
+  started by fedmsk, not by the SuperLink (``--isolation process``): the SuperLink never notices
+  that its own subprocess died, and a run submitted after that stays pending for good.
+  ``CoordinatorServer.supervise`` watches the SuperLink, the executor and the gateway, names a
+  death and restarts the child (at most ``MAX_RESTARTS`` times), or gives up (non-zero exit).
+
+"database is locked" (found reading Flower 1.41's ``supercore/sql_mixin.py`` and the SQL
+object store): every connection already runs WAL with ``busy_timeout=5000`` (Flower's
+``SQLITE_PRAGMAS``), and every write of the SuperLink (run and task state, and the object store
+that holds each message's weights, one statement per object inside one transaction) goes
+through SQLite's single writer lock on ``state.db``. When a writer holds it for more than 5 s -- a
+message's object tree being stored while the SuperLink's threads fight for 2 busy cores -- the
+next writer, e.g. ``claim_task`` behind the executor's ``acquire-task``, gets "database is
+locked", the SuperLink answers HTTP 500 and Flower's executor dies of the unhandled error.
+WAL cannot help (there is one writer at a time by design), the busy timeout can: the SuperLink
+runs through this module (``python -m server.superlink``), which raises it to
+``BUSY_TIMEOUT_MS`` before Flower opens the database; and a dying executor is restarted anyway.
 """
 
 from __future__ import annotations
@@ -28,6 +45,8 @@ from server.provision import Consortium, ProvisionError
 
 CONNECTION = "consortium"  # not "fedmsk": Flower reads a same-named folder holding a pyproject.toml as an app path
 DEFAULT_LOCAL_PORT = 9093
+BUSY_TIMEOUT_MS = 60_000  # SQLite waits this long for the writer lock (Flower's own default: 5000)
+MAX_RESTARTS = 3  # per child, over the server's lifetime; then `fedmsk server` gives up (exit 1)
 
 
 def with_own_bin(env: dict[str, str] | None) -> dict[str, str]:
@@ -54,9 +73,11 @@ class ManagedProcess:
     def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.name, self.argv, self.log_path, self.env, self.cwd = name, argv, log_path, env, cwd
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log_offset = 0  # where this start's output begins in the (appended) log file
 
     def start(self) -> "ManagedProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed in stop()
         self._log = log
         self.proc = subprocess.Popen(  # noqa: S603 - fixed argv built by fedmsk
@@ -77,7 +98,12 @@ class ManagedProcess:
         return None if self.proc is None else self.proc.poll()
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        """This start's output only: the file keeps earlier starts' history, whose causes are not this one's."""
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as fh:
+            fh.seek(self.log_offset)
+            return fh.read().decode(errors="replace")
 
     def wait_for_log(self, needle: str, timeout: float) -> bool:
         """Wait until ``needle`` appears in the log (True) or the process exits / time runs out."""
@@ -154,10 +180,10 @@ def flwr_cli(home: Path, *args: str, timeout: float = 120.0) -> dict:
     return data
 
 
-def superlink_argv(consortium: Consortium, port: int) -> list[str]:
-    exe = Path(sys.executable).with_name("flower-superlink")
+def superlink_argv(consortium: Consortium, port: int, secret: Path) -> list[str]:
+    """Flower's SuperLink, run through this module's ``__main__`` (longer SQLite busy timeout)."""
     return [
-        str(exe) if exe.exists() else "flower-superlink",
+        sys.executable, "-m", "server.superlink",
         "--ssl-ca-certfile", str(consortium.ca_cert),
         "--ssl-certfile", str(consortium.server_cert),
         "--ssl-keyfile", str(consortium.server_key),
@@ -166,7 +192,31 @@ def superlink_argv(consortium: Consortium, port: int) -> list[str]:
         "--disable-runtime-dependency-installation",
         "--host", "127.0.0.1",
         "--port", str(port),
+        "--isolation", "process",  # fedmsk starts and watches the executor (executor_argv)
+        "--superexec-auth-secret-file", str(secret),
     ]
+
+
+def executor_argv(consortium: Consortium, port: int, secret: Path) -> list[str]:
+    """Flower's executor for the coordinator: takes each run's ServerApp task from the SuperLink."""
+    exe = Path(sys.executable).with_name("flower-superexec")
+    return [
+        str(exe) if exe.exists() else "flower-superexec",
+        "--root-certificates", str(consortium.ca_cert),
+        "--runtime-api-address", f"127.0.0.1:{port}",
+        "--superexec-auth-secret-file", str(secret),
+    ]
+
+
+def write_secret(path: Path) -> Path:
+    """A fresh shared secret (0600) that the executor proves itself to the SuperLink with."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(os.urandom(32).hex().encode())
+    return path
 
 
 def wait_until_serving(port: int, ca_cert: Path, timeout: float = 60.0, process: ManagedProcess | None = None) -> None:
@@ -232,49 +282,109 @@ def revoke_site(consortium: Consortium, name: str, home: Path) -> str:
     )
 
 
-class CoordinatorServer:
-    """The SuperLink (local port) plus the gateway (site-facing address), started and stopped together.
+class ServerDied(ProvisionError):
+    """A child of `fedmsk server` died more often than it may be restarted."""
 
-    Use as a context manager; ``__exit__`` stops both, so a test or a Ctrl-C never leaves a
+
+class CoordinatorServer:
+    """The SuperLink (local port), its executor and the gateway (site-facing address), started,
+    watched and stopped together.
+
+    Use as a context manager; ``__exit__`` stops all of them, so a test or a Ctrl-C never leaves a
     SuperLink, its executor or nginx behind.
     """
 
     def __init__(self, consortium: Consortium, *, local_port: int = DEFAULT_LOCAL_PORT, bind_host: str = "0.0.0.0",
-                 public_port: int | None = None, gateway: bool = True) -> None:
+                 public_port: int | None = None, gateway: bool = True, max_restarts: int = MAX_RESTARTS) -> None:
         consortium.require()
         self.consortium = consortium
         self.local_port = local_port
         self.bind_host = bind_host
         self.public_port = public_port or int(consortium.info().public_address.rpartition(":")[2])
         self.use_gateway = gateway
+        self.max_restarts = max_restarts
         self.home = flwr_home(consortium)
+        self.logs = consortium.root / "logs"
+        self.secret = consortium.root / "superexec.secret"
         self.superlink: ManagedProcess | None = None
+        self.executor: ManagedProcess | None = None
         self.gateway: ManagedProcess | None = None
         self.changes: list[str] = []
+        self.restarts: dict[str, int] = {}
 
-    def start(self) -> "CoordinatorServer":
+    def _env(self) -> dict[str, str]:
+        env = flwr_env(self.home)
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
+        return env
+
+    def _start_superlink(self) -> None:
+        self.superlink = ManagedProcess("SuperLink", superlink_argv(self.consortium, self.local_port, self.secret),
+                                        self.logs / "superlink.log", env=self._env(), cwd=self.consortium.root).start()
+        wait_until_serving(self.local_port, self.consortium.ca_cert, process=self.superlink)
+
+    def _start_executor(self) -> None:
+        self.executor = ManagedProcess("executor (SuperExec)", executor_argv(self.consortium, self.local_port, self.secret),
+                                       self.logs / "superexec.log", env=self._env(), cwd=self.consortium.root).start()
+
+    def _start_gateway(self) -> None:
         from server.gateway import gateway_process
 
-        logs = self.consortium.root / "logs"
+        self.gateway = gateway_process(self.consortium, listen_host=self.bind_host, listen_port=self.public_port,
+                                       upstream_port=self.local_port).start()
+        _wait_for_port(self.bind_host, self.public_port, self.gateway)
+
+    def start(self) -> "CoordinatorServer":
         write_connection(self.home, f"127.0.0.1:{self.local_port}", self.consortium.ca_cert)
-        env = flwr_env(self.home)
-        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
-        self.superlink = ManagedProcess("superlink", superlink_argv(self.consortium, self.local_port), logs / "superlink.log",
-                                        env=env, cwd=self.consortium.root).start()
+        write_secret(self.secret)
         try:
-            wait_until_serving(self.local_port, self.consortium.ca_cert, process=self.superlink)
+            self._start_superlink()
+            self._start_executor()
             self.changes = sync_site_keys(self.consortium, self.home)
             if self.use_gateway:
-                self.gateway = gateway_process(self.consortium, listen_host=self.bind_host, listen_port=self.public_port,
-                                               upstream_port=self.local_port).start()
-                _wait_for_port(self.bind_host, self.public_port, self.gateway)
+                self._start_gateway()
         except BaseException:
             self.stop()
             raise
         return self
 
+    def children(self) -> list[ManagedProcess]:
+        return [p for p in (self.superlink, self.executor, self.gateway) if p is not None]
+
+    def supervise(self) -> list[str]:
+        """Check every child once: name each that died and restart it; returns what happened.
+
+        A dead SuperLink takes its executor with it (the executor's connection is to that
+        SuperLink), so both restart; the run that was going on is failed by Flower and can be
+        resumed (`fedmsk launch ... resume=true run_dir=...`). Raises ``ServerDied`` once a
+        child has died more than ``max_restarts`` times.
+        """
+        events = []
+        for proc, restart in ((self.superlink, self._restart_superlink), (self.executor, self._start_executor),
+                              (self.gateway, self._start_gateway)):
+            if proc is None or proc.alive():
+                continue
+            code = proc.returncode()
+            tail = " | ".join(line for line in proc.log_text().splitlines()[-3:] if line.strip())
+            what = f"{proc.name} died (exit code {code}); its log {proc.log_path} ends: {tail[-400:]}"
+            proc.stop(timeout=2)
+            count = self.restarts.get(proc.name, 0) + 1
+            self.restarts[proc.name] = count
+            if count > self.max_restarts:
+                raise ServerDied(f"{what}. It died {count} times; giving up (the other children are stopped)")
+            restart()
+            events.append(f"{what}. Restarted it ({count}/{self.max_restarts}).")
+            if proc is self.superlink:
+                break  # the executor restarted with it
+        return events
+
+    def _restart_superlink(self) -> None:
+        if self.executor is not None:
+            self.executor.stop(timeout=2)
+        self._start_superlink()
+        self._start_executor()
+
     def stop(self) -> None:
-        for proc in (self.gateway, self.superlink):
+        for proc in (self.gateway, self.executor, self.superlink):
             if proc is not None:
                 proc.stop()
 
@@ -299,3 +409,19 @@ def _wait_for_port(host: str, port: int, process: ManagedProcess, timeout: float
         except OSError:
             time.sleep(0.2)
     raise ProvisionError(f"{process.name} does not listen on {target}:{port} after {timeout:.0f} s; see {process.log_path}")
+
+
+def _run_superlink(argv: list[str]) -> None:
+    """``flower-superlink`` with SQLite's busy timeout raised to BUSY_TIMEOUT_MS (see the module docstring)."""
+    import flwr.supercore.sql_mixin as sql_mixin
+    from flwr.superlink.cli import flower_superlink
+
+    sql_mixin.SQLITE_PRAGMAS = tuple(
+        (name, str(BUSY_TIMEOUT_MS) if name == "busy_timeout" else value) for name, value in sql_mixin.SQLITE_PRAGMAS
+    )
+    sys.argv = ["flower-superlink", *argv]
+    flower_superlink()
+
+
+if __name__ == "__main__":
+    _run_superlink(sys.argv[1:])

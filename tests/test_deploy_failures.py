@@ -1,0 +1,130 @@
+"""Deployment failures that must be loud, on real processes on 127.0.0.1 (one consortium shared by
+the tests, in this order): a run nobody trains in, a killed executor, a revoked running site, a
+SuperLink that disappears under `fedmsk launch`. Every process is stopped by the fixture."""
+
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+import server.launch as launch_module
+from cli.main import main as fedmsk
+from client.join import REVOKED, SiteNode, load_join
+from server.launch import LaunchError, launch
+from server.superlink import revoke_site
+from shared.config import compose
+from simulation.synth import write_federation
+from deploy_helpers import LocalFederation, copy_fedmsk_app, free_port, require_nginx, write_toy_app
+
+pytestmark = pytest.mark.deploy
+
+SITES = ["site_a", "site_b"]
+TINY = [
+    "num_sites=2", "synth.patients_per_site=[40,40]", "synth.image_size=48", "task.image_size=[32,32]",
+    "federation.local_epochs=1", "model.width=8", "model.embed_dim=32", "model.proj_dim=16",
+    "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2", "strategy.min_available_nodes=2",
+    "strategy.round_timeout_s=300", "strategy.fraction_evaluate=0.0",
+]
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    require_nginx()
+    root = tmp_path_factory.mktemp("failures")
+    data = root / "sites"
+    write_federation(compose(TINY + [f"data_root={data}"]))
+    f = LocalFederation(root)
+    f.fedmsk_app = copy_fedmsk_app(root / "fedmsk_app")
+    f.toy = write_toy_app(root / "toy")
+    try:
+        for name in SITES:
+            f.add_site(name, data / name, approve=[f.fedmsk_app, f.toy])
+        f.start_server()
+        f.site_nodes = {name: f.join(name) for name in SITES}
+        f.wait_online(2)
+        yield f
+    finally:
+        f.stop()
+
+
+def test_join_reads_only_this_starts_log(tmp_path):
+    """An earlier start's cause (a refused key, in the appended log) is not this start's."""
+    from server.provision import Consortium
+
+    c = Consortium(tmp_path / "c")
+    c.init(f"127.0.0.1:{free_port()}")  # nobody listens there
+    bundle = c.add_site("site_a")
+    (bundle / "site.yaml").write_text(re.sub(r"(?m)^data_dir:.*$", f"data_dir: {tmp_path}", (bundle / "site.yaml").read_text()))
+    (tmp_path / "clinical.csv").write_text("patient_id\n")
+    logs = bundle / "state" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "supernode.log").write_text("ERROR: SuperNode refused [code: 2004]\nExit Code: 2004\n")  # yesterday's start
+    node = SiteNode(load_join(bundle), runtime_port=free_port(), max_retries=0).start()
+    try:
+        assert node.wait(poll=0.2) != 0
+    finally:
+        node.stop()
+    reason = node.explain_exit()
+    assert "could not connect" in reason and "refused this site's key" not in reason, reason
+
+
+def test_a_run_in_which_every_site_refuses_fails_and_names_the_sites(fed, tmp_path, capsys):
+    # The bundles' own policy turns DP on at every site; a batch-coupled aux loss cannot be trained
+    # under DP-SGD, so each site refuses round 1 (named explicitly: the default aux loss may change).
+    run_dir = tmp_path / "run"
+    code = fedmsk(["launch", "--dir", str(fed.consortium.root), "--app", str(fed.fedmsk_app), "--no-stream", *TINY,
+                   "rounds=3", "model.aux_loss=supcon", "model.aux_weight=0.5", f"run_dir={run_dir}"])
+    out = capsys.readouterr().out
+    assert code == 1, out[-3000:]
+    assert "finished:failed" in out
+    stop = next(line for line in out.splitlines() if "no site trained" in line)
+    assert "round 1" in stop and "site_a, site_b" in stop and "couples the patients of a batch" in stop, out[-3000:]
+    assert "resume=true" in out
+    events = (run_dir / "events.jsonl").read_text()
+    assert '"site": "site_a"' in events and '"site": "site_b"' in events and "node-" not in events
+    assert "DP: no site trained" in (run_dir / "summary.md").read_text()
+
+
+def test_a_killed_executor_is_named_and_replaced(fed, tmp_path):
+    dead = fed.server.executor
+    os.kill(dead.pid, signal.SIGKILL)
+    dead.proc.wait(timeout=10)
+    events = fed.server.supervise()
+    assert len(events) == 1 and "executor (SuperExec) died (exit code -9)" in events[0] and "Restarted" in events[0]
+    assert fed.server.executor is not dead and fed.server.executor.alive()
+    result = launch(fed.consortium, ["min-nodes=2"], app_dir=fed.toy, stream=False, timeout_s=240)
+    assert result.ok, result.status  # the next run is taken by the new executor, not left pending
+
+
+def test_a_site_revoked_while_running_stops_non_zero_and_says_so(fed):
+    node = fed.site_nodes["site_b"]
+    revoke_site(fed.consortium, "site_b", fed.server.home)
+    code = node.wait(poll=0.5)  # Flower notices at the next heartbeat or poll, exits 0 "gracefully"
+    assert code != 0
+    assert REVOKED in node.explain_exit()
+
+
+def test_launch_gives_up_on_its_deadline_and_when_the_superlink_goes(fed, tmp_path, capsys, monkeypatch):
+    base = ["launch", "--dir", str(fed.consortium.root), "--app", str(fed.toy), "--no-stream"]
+    # one site left, the run asks for three: it can never finish
+    code = fedmsk([*base, "--timeout", "3", "min-nodes=3", f"run_dir={tmp_path / 'a'}"])
+    out = capsys.readouterr().out
+    assert code == 1 and "did not finish within 3 s" in out and "stopped it" in out, out
+    monkeypatch.setattr(launch_module, "UNREACHABLE_S", 3.0)
+    box = {}
+
+    def run_launch():
+        box["code"] = fedmsk([*base, "min-nodes=3", f"run_dir={tmp_path / 'b'}"])
+
+    runner = threading.Thread(target=run_launch)
+    runner.start()
+    time.sleep(8)  # submitted and waiting
+    fed.server.superlink.signal_group(signal.SIGKILL)
+    runner.join(timeout=120)
+    out = capsys.readouterr()
+    assert box["code"] == 1
+    assert "stopped answering" in out.out and f"resume=true run_dir={tmp_path / 'b'}" in out.out, out.out
+    assert "Traceback" not in out.out + out.err
