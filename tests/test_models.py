@@ -26,6 +26,8 @@ CASES = [
     ("logreg", "none"),
     ("late_fusion", "none"),
     ("late_fusion", "prototype"),
+    ("fracture3d", "supcon"),
+    ("fracture3d", "prototype"),
 ]
 
 

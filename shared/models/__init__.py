@@ -18,6 +18,7 @@ from torch import nn
 
 from shared.config import ConfigError, FedmskConfig
 from shared.models.clinical import ClinicalOnly, LogReg
+from shared.models.fracture3d import Fracture3D
 from shared.models.late_fusion import LateFusion
 from shared.models.mmcl import MMCL, ImageOnly
 from shared.models.spec import ModelSpec
@@ -28,6 +29,7 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "clinical_only": ClinicalOnly,
     "logreg": LogReg,
     "late_fusion": LateFusion,
+    "fracture3d": Fracture3D,
 }
 
 
