@@ -59,7 +59,23 @@ def summarise(site: SiteData, task: TaskConfig) -> dict[str, Any]:
                                           for h in headers).most_common(5)),
         "modalities": dict(Counter(h["modality"] or "?" for h in headers).most_common()),
         "transfer_syntaxes": dict(Counter(syntax_name(h["transfer_syntax"]) for h in headers).most_common()),
+        "clinical_problem": site.clinical_problem,
+        "missing_values_by_column": {col: sum(by.values()) for col, by in site.clinical_missing.items()},
     }
+
+
+_POLICY = {"drop": "patients left out", "impute": "imputed", "indicator": "imputed + indicator"}
+
+
+def missing_line(site: SiteData, task: TaskConfig) -> str:
+    """'weight_kg 3 (NA 2, empty 1; imputed), age 1 (nan 1; patients left out)' in task column order."""
+    parts = []
+    for col in task.columns:
+        by = site.clinical_missing.get(col.name)
+        if by:
+            spelled = ", ".join(f"{k} {v}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
+            parts.append(f"{col.name} {sum(by.values())} ({spelled}; {_POLICY.get(col.missing, col.missing)})")
+    return ", ".join(parts) or "none"
 
 
 def write_report(issues: list[RecordIssue], path: Path) -> None:
@@ -73,6 +89,8 @@ def write_report(issues: list[RecordIssue], path: Path) -> None:
 
 def _print_summary(console: Console, site: SiteData, summary: dict[str, Any], task: TaskConfig, verdict: str, ok: bool,
                    report: Path) -> None:
+    if site.clinical_problem:  # the cause first: every image is unlinkable because of it
+        console.print(f"[bold red]clinical table unusable[/]: {site.clinical_problem}", highlight=False)
     table = Table(title=f"site '{site.name}' for task '{task.name}'", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -87,6 +105,7 @@ def _print_summary(console: Console, site: SiteData, summary: dict[str, Any], ta
     table.add_row("unusable patients", counts(summary["unusable_patients_by_reason"]))
     table.add_row("unusable files", counts(summary["files_by_reason"]))
     table.add_row("notes (kept)", counts(summary["notes_by_reason"]))
+    table.add_row("missing clinical values", missing_line(site, task))
     table.add_row("files read", str(summary["files_read"]))
     table.add_row("image sizes", counts(summary["image_sizes"]))
     table.add_row("pixel spacing (mm)", counts(summary["pixel_spacings_mm"]))
@@ -118,7 +137,9 @@ def check_site(site_dir: str | Path, task: TaskConfig, console: Console | None =
     write_report(site.issues, report)
     usable = summary["usable_patients"]
     missing_classes = [c for c, n in summary["label_balance"].items() if n == 0]
-    if usable < task.min_usable:
+    if site.clinical_problem:
+        verdict = site.clinical_problem
+    elif usable < task.min_usable:
         top = next(iter(summary["unusable_patients_by_reason"] or summary["files_by_reason"]), "no records")
         verdict = f"{usable} usable labelled patients, the task needs at least {task.min_usable} (most common problem: {top})"
     elif missing_classes:

@@ -68,13 +68,45 @@ class ClinicalRow:
 
 @dataclass
 class ClinicalTable:
+    """The usable rows, the per-record issues, and what the operator must hear first.
+
+    ``problem`` is set when the table as a whole cannot be used (not a CSV, no rows, a required
+    column absent): then no image can be linked, and the check names this cause, not the symptom.
+    ``missing`` counts the cells read as missing per column, by how they were written.
+    """
+
     rows: dict[str, ClinicalRow]
     issues: list[RecordIssue] = field(default_factory=list)
     encoding: str = ""
     delimiter: str = ""
+    problem: str = ""
+    missing: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+# what the first bytes of a file that is not a text table say it is -> (what it is, what to do)
+_NOT_CSV: tuple[tuple[bytes, str, str], ...] = (
+    (b"PK\x03\x04", "an Excel workbook (.xlsx, a ZIP file)", "open it in Excel or LibreOffice and save it as CSV (comma separated)"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an Excel 97-2003 workbook (.xls)",
+     "open it in Excel or LibreOffice and save it as CSV (comma separated)"),
+    (b"%PDF", "a PDF document", "export the table itself as CSV from the clinical system"),
+)
+
+
+def _table_problem(data: bytes, where: str) -> tuple[str, str] | None:
+    """(what is wrong with the file as a whole, what to do), or None when it can be read as text."""
+    for magic, what, fix in _NOT_CSV:
+        if data.startswith(magic):
+            return f"{where} is {what}", fix
+    if not data.strip():
+        return f"{where} is empty ({len(data)} bytes)", "export the patients' table into clinical.csv with a header row"
+    if b"\x00" in data[:65536] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return f"{where} is binary data, not a text table", "export the table as CSV (text, comma or semicolon separated)"
+    return None
 
 
 def _decode(data: bytes) -> tuple[str, str]:
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode text" export
+        return data.decode("utf-16"), "utf-16"
     for enc in _ENCODINGS:
         try:
             return data.decode(enc), enc
@@ -159,17 +191,30 @@ def read_table(path: str | Path, task: TaskConfig) -> ClinicalTable:
     p = Path(path)
     where = p.name  # records read "clinical.csv:LINE": the report lives in the site folder itself
     try:
-        text, encoding = _decode(p.read_bytes())
+        data = p.read_bytes()
     except OSError as exc:
-        return ClinicalTable({}, [issue("clinical_csv_unreadable", file=where, detail=str(exc))])
+        detail = f"{where} cannot be read: {exc.strerror or exc}"
+        return ClinicalTable({}, [issue("clinical_csv_unreadable", file=where, detail=detail)], problem=detail)
+    if bad := _table_problem(data, where):
+        return ClinicalTable({}, [issue("clinical_csv_unreadable", file=where, detail=bad[0], action=bad[1])],
+                             problem=f"{bad[0]}; {bad[1]}")
+    try:
+        return _parse(data, where, task)
+    except csv.Error as exc:  # e.g. a field larger than the csv module's limit
+        detail = f"{where} cannot be parsed as CSV ({exc})"
+        return ClinicalTable({}, [issue("clinical_csv_unreadable", file=where, detail=detail)], problem=detail)
+
+
+def _parse(data: bytes, where: str, task: TaskConfig) -> ClinicalTable:
+    text, encoding = _decode(data)
     delimiter = _sniff_delimiter(text)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader = csv.reader(io.StringIO(text.replace("\x00", ""), newline=""), delimiter=delimiter)
     header = next(reader, None)
     table = ClinicalTable({}, [], encoding, delimiter)
     norm_header = [h.strip().casefold() for h in header or []]
     if PATIENT_ID not in norm_header:
-        table.issues.append(issue("clinical_csv_unreadable", file=where,
-                                  detail=f"no '{PATIENT_ID}' column in header {header} (read as {encoding}, delimiter {delimiter!r})"))
+        table.problem = f"{where} has no '{PATIENT_ID}' column (header read as {encoding}, delimiter {delimiter!r}: {header})"
+        table.issues.append(issue("clinical_csv_unreadable", file=where, detail=table.problem))
         return table
     index = {name: i for i, name in reversed(list(enumerate(norm_header)))}  # first occurrence wins
     fatal = False
@@ -182,13 +227,20 @@ def read_table(path: str | Path, task: TaskConfig) -> ClinicalTable:
         fatal = True
         table.issues.append(issue("missing_column", file=where, detail=f"label column '{task.label_column}' is absent"))
     if fatal:
+        absent = [f"column '{c.name}'" for c in task.columns if c.required and c.name.casefold() not in index]
+        if task.label_column.casefold() not in index:
+            absent.append(f"label column '{task.label_column}'")
+        table.problem = (f"{where} has no {' and no '.join(absent)} (header: {', '.join(h.strip() for h in header or [])}); "
+                         f"add {'it' if len(absent) == 1 else 'them'} under the name the task declares")
         return table
 
     decimal_comma = delimiter != ","
     parsed: dict[str, list[tuple[ClinicalRow, list[RecordIssue]]]] = defaultdict(list)
+    data_lines = 0
     for line_no, cells in enumerate(reader, start=2):
         if not any(c.strip() for c in cells):
             continue
+        data_lines += 1
         get = lambda name: cells[index[name.casefold()]] if index[name.casefold()] < len(cells) else ""  # noqa: E731
         pid = get(PATIENT_ID).strip()
         rec = f"{where}:{line_no}"
@@ -205,14 +257,22 @@ def read_table(path: str | Path, task: TaskConfig) -> ClinicalTable:
             except _CellError as err:
                 problems.append(issue(err.reason, pid, rec, err.detail, err.action))
                 continue
-            if math.isnan(values[j]) and col.missing == "drop":
-                problems.append(issue("missing_required_value", pid, rec, f"{col.name} is empty"))
+            if math.isnan(values[j]):
+                written = get(col.name).strip()
+                counts = table.missing.setdefault(col.name, {})
+                counts[written or "empty"] = counts.get(written or "empty", 0) + 1
+                if col.missing == "drop":
+                    how = f"written '{written}'" if written else "empty cell"
+                    problems.append(issue("missing_required_value", pid, rec, f"{col.name} is missing ({how})"))
         try:
             label = parse_label(get(task.label_column), task, decimal_comma)
         except _CellError as err:
             problems.append(issue(err.reason, pid, rec, err.detail))
             label = None
         parsed[pid].append((ClinicalRow(pid, values, label, line_no), problems))
+    if not data_lines:
+        table.problem = f"{where} has a header but no patient rows; export the patients' rows with it"
+        table.issues.append(issue("clinical_csv_empty", file=where, detail=table.problem))
 
     for pid, entries in parsed.items():
         first, first_problems = entries[0]

@@ -331,11 +331,11 @@ def _decodable(ds: Dataset, path: Path) -> str:
         element(ds, keyword, _floats)
     if not _has_pixels(ds):
         raise DicomError("no_pixel_data", f"no (7FE0,0010) Pixel Data (SOP class {ds.get('SOPClassUID', '?')})", path)
+    if int(ds.get("Rows", 0) or 0) == 0 or int(ds.get("Columns", 0) or 0) == 0:
+        raise DicomError("zero_size_image", f"Rows={ds.get('Rows')} Columns={ds.get('Columns')}", path)
     pixel_item = next(ds.get_item(k, keep_deferred=True) for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds)
     if getattr(pixel_item, "length", None) == 0 or (getattr(pixel_item, "value", None) is not None and len(pixel_item.value) == 0):
         raise DicomError("no_pixel_data", f"the {pixel_item.tag} pixel data element is empty (0 bytes)", path)
-    if int(ds.get("Rows", 0) or 0) == 0 or int(ds.get("Columns", 0) or 0) == 0:
-        raise DicomError("zero_size_image", f"Rows={ds.get('Rows')} Columns={ds.get('Columns')}", path)
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if getattr(ds, "file_meta", None) is not None else ""
     try:
         decoder = get_decoder(UID(ts))

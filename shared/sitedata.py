@@ -53,6 +53,8 @@ class SiteData:
     files: list[str] = field(default_factory=list)  # per row: the image file(s) it came from
     headers: dict[str, dict[str, Any]] = field(default_factory=dict)  # every readable file -> header facts
     cache_note: str = ""  # why the preprocessing cache was not used, if it was not
+    clinical_problem: str = ""  # why clinical.csv as a whole is unusable (the check says this first)
+    clinical_missing: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> {as written: cells}
 
 
 def image_files(root: Path) -> list[Path]:
@@ -263,6 +265,8 @@ def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None 
 
     reported = {i.patient_id for i in table.issues if i.patient_id}
     for pid, files in sorted(by_patient.items()):
+        if table.problem:  # no row can be linked: the table's problem is the one finding, not one per image
+            break
         if pid not in table.rows and pid not in reported:
             loader.issues.extend(issue("image_without_clinical_row", pid, rel, f"PatientID '{pid}' is not in clinical.csv")
                                  for rel in files)
@@ -303,6 +307,8 @@ def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None 
         files=sources,
         headers=loader.headers,
         cache_note=loader.cache.disabled_reason,
+        clinical_problem=table.problem,
+        clinical_missing=table.missing,
     )
 
 

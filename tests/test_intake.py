@@ -262,3 +262,46 @@ def test_details_are_never_cut_mid_word():
     text = "the decoder said: " + " ".join(["pneumatisation"] * 40)
     out = clip(text, 100)
     assert len(out) <= 100 and out.endswith("…") and out[:-1].split()[-1] in ("pneumatisation", "said")
+
+
+def _xlsx_bytes() -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:  # the container of an .xlsx: a ZIP with the workbook's XML parts
+        z.writestr("[Content_Types].xml", "<Types/>")
+        z.writestr("xl/workbook.xml", "<workbook/>")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("content", "cause"), [
+    (b"", "clinical.csv is empty"),
+    ((HEADER + "\n").encode(), "has a header but no patient rows"),
+    (bytes(range(256)) * 8, "clinical.csv is binary data"),
+    (_xlsx_bytes(), "clinical.csv is an Excel workbook (.xlsx"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(500), "clinical.csv is an Excel 97-2003 workbook (.xls)"),
+    ((HEADER.replace(",age", ",age_years") + "\n" + valid_row("p1") + "\n").encode(), "has no column 'age'"),
+    ((HEADER.replace(",sarcopenia", ",outcome") + "\n" + valid_row("p1") + "\n").encode(), "has no label column 'sarcopenia'"),
+], ids=["empty", "header_only", "binary", "xlsx", "xls", "no_age_column", "no_label_column"])
+def test_an_unusable_clinical_table_is_named_first_not_as_every_image_unlinked(tmp_path, capsys, content, cause):
+    root = write_site(tmp_path / "s", [], images={f"p{i}": ramp() for i in range(3)})
+    (root / "clinical.csv").write_bytes(content)
+    assert fedmsk(["check", str(root), "task.image_size=[16,16]", "task.min_usable=1"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("clinical table unusable: ") and out.index(cause) < out.index("usable patients"), out
+    assert cause in out.rsplit("NOT READY", 1)[1], out  # and the verdict names it
+    assert "image_without_clinical_row" not in out and "not in clinical.csv" not in (root / REPORT_NAME).read_text()
+
+
+def test_missing_values_are_counted_per_column_by_spelling(tmp_path, capsys):
+    rows = [valid_row("p1", weight="N/A"), valid_row("p2", label=1, weight="null"), valid_row("p3", weight=""),
+            valid_row("p4", label=1, age="nan"), valid_row("p5", weight="NA")]
+    root = write_site(tmp_path / "s", rows, images={f"p{i}": ramp() for i in range(1, 6)})
+    site = load_site(root, task_config(**TASK))
+    assert site.clinical_missing == {"weight_kg": {"N/A": 1, "null": 1, "empty": 1, "NA": 1}, "age": {"nan": 1}}
+    (dropped,) = [i for i in site.issues if i.reason == "missing_required_value"]
+    assert dropped.patient_id == "p4" and "age is missing (written 'nan')" in dropped.detail
+    fedmsk(["check", str(root), "task.image_size=[16,16]", "task.min_usable=1"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "weight_kg 4 (" in out and "imputed" in out and "age 1 (nan 1; patients left out)" in out
