@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli.main import Verb
+from cli.main import EXIT_NOT_READY, EXIT_OK, EXIT_USAGE, Verb
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,8 +26,8 @@ def _run(args: argparse.Namespace) -> int:
         Console(stderr=True).print(
             f"[bold red]{root}[/] is not a site folder: it has no clinical.csv "
             "(a site folder holds clinical.csv, images/ and optionally manifest.csv)", highlight=False)
-        return 2
-    return 0 if check_site(root, cfg.task, use_cache=not args.no_cache).ok else 1
+        return EXIT_USAGE
+    return EXIT_OK if check_site(root, cfg.task, use_cache=not args.no_cache).ok else EXIT_NOT_READY
 
 
 VERBS = [Verb("check", "check a site's DICOM + clinical data against the task; writes a per-record report",

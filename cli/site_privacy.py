@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cli.main import Verb
+from cli.main import EXIT_USAGE, Verb
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,12 +25,12 @@ def _run(args: argparse.Namespace) -> int:
     console = Console()
     if not Path(args.site_dir).is_dir():
         Console(stderr=True).print(f"[bold red]{args.site_dir}[/] is not a folder; pass the site folder", highlight=False)
-        return 2
+        return EXIT_USAGE
     try:
         report = budget_report(args.site_dir, args.policy)
     except LedgerError as exc:
         Console(stderr=True).print(f"[bold red]ledger error:[/] {exc}", highlight=False)
-        return 1
+        return EXIT_USAGE  # the site's own file must be fixed before anything can be reported
     if args.json:
         print(json.dumps(report, indent=1))
         return 0

@@ -305,3 +305,22 @@ def test_missing_values_are_counted_per_column_by_spelling(tmp_path, capsys):
     fedmsk(["check", str(root), "task.image_size=[16,16]", "task.min_usable=1"])
     out = " ".join(capsys.readouterr().out.split())
     assert "weight_kg 4 (" in out and "imputed" in out and "age 1 (nan 1; patients left out)" in out
+
+
+def test_exit_codes_tell_not_ready_from_usage_and_internal_errors(tmp_path, capsys, monkeypatch):
+    import client.check
+
+    root = write_site(tmp_path / "s", [valid_row("p1"), valid_row("p2", label=1)], images={"p1": ramp(), "p2": ramp()})
+    args = ["check", str(root), "task.image_size=[16,16]"]
+    assert fedmsk([*args, "task.min_usable=2"]) == 0
+    assert fedmsk([*args, "task.min_usable=3"]) == 1  # not ready
+    assert fedmsk([*args, "task.min_usabel=2"]) == 2  # config error
+    assert fedmsk(["check", str(tmp_path / "nowhere")]) == 2  # not a site folder
+    capsys.readouterr()
+    monkeypatch.setenv("FEDMSK_CRASH_DIR", str(tmp_path / "crash"))
+    monkeypatch.setattr(client.check, "load_site", lambda *a, **k: {}["bug"])
+    assert fedmsk(args) == 3
+    err = " ".join(capsys.readouterr().err.split())
+    assert "internal error in fedmsk check: KeyError: 'bug'" in err and "Traceback" not in err
+    (crash,) = (tmp_path / "crash").iterdir()
+    assert str(crash) in err and "Traceback (most recent call last)" in crash.read_text()
