@@ -33,10 +33,11 @@ from client.ledger import PrivacyLedger, ReleaseEntry
 from client.privacy import calibrate_noise, epsilon_of
 from client.randomness import site_seed
 from shared.config import PrivacyConfig
+from shared.grading import pool_grading
 from shared.messages import CONFUSION_KEYS, NUM_EXAMPLES, is_count_key
 from shared.metrics import counts_metrics
 
-NOT_RELEASED = ("auc", "loss")  # computed from per-patient scores: no count-query sensitivity
+NOT_RELEASED = ("auc", "loss", "screen_auc")  # computed from per-patient scores: no count-query sensitivity
 
 
 class ReleaseRefused(RuntimeError):
@@ -112,6 +113,7 @@ def release_counts(
             out[NUM_EXAMPLES] = (tp + fp + tn + fn) / n_classes
             for key in ("acc", "sen", "spc", "pre", "f1"):
                 out[key] = math.nan  # macro averages need the per-class tables, which are not released
+    out.update(pool_grading([out]))  # grade tasks: per-class F1, macro averages, screening SEN/SPC from the noised cells
     for key in NOT_RELEASED:
         if key in out:
             out[key] = math.nan

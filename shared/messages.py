@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from shared.grading import COUNT_PREFIXES as GRADING_COUNT_PREFIXES, grading_metric_keys
+
 # Keys of the server's ConfigRecord (besides Flower's own "server-round").
 JOB_KEY = "fedmsk-job"  # YAML of the run config the site trains with (site settings still win)
 RUN_ID_KEY = "run-id"
@@ -31,6 +33,9 @@ CONFUSION_KEYS = ("tp", "fp", "tn", "fn")
 COUNT_KEY_PREFIXES = ("hist",)  # score-histogram bins: counts of patients, noised like the confusion counts
 
 
+COUNT_KEY_PREFIXES += GRADING_COUNT_PREFIXES  # grade tasks: confusion cells, screening counts
+
+
 def is_count_key(key: str) -> bool:
     """A metric that counts patients (what a site's release noise must cover: client.release)."""
     return key in CONFUSION_KEYS or key.startswith(COUNT_KEY_PREFIXES)
@@ -39,6 +44,9 @@ def is_count_key(key: str) -> bool:
 EVAL_METRIC_KEYS = frozenset(
     {NUM_EXAMPLES, "loss", "auc", "acc", "f1", "sen", "spc", "pre", "tp", "fp", "tn", "fn"}
 )
+
+
+EVAL_METRIC_KEYS |= grading_metric_keys()  # grade tasks (shared.grading)
 
 
 class ReplyRefused(ValueError):

@@ -27,6 +27,8 @@ def auc_score(labels: np.ndarray, probs: np.ndarray) -> float:
     present = np.unique(labels)
     if present.size < 2:
         return math.nan
+from shared.grading import grading_metrics
+
     if probs.ndim == 1 or probs.shape[1] == 2:
         score = probs if probs.ndim == 1 else probs[:, 1]
         return float(roc_auc_score(labels, score))
@@ -78,3 +80,4 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     out["auc"] = auc_score(labels, probs)
     out.update(tp=float(tp), fp=float(fp), tn=float(tn), fn=float(fn))
     return out
+        out.update(grading_metrics(labels, probs))  # confusion cells, per-class F1, screening view (shared.grading)
