@@ -18,7 +18,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.ledger import PrivacyLedger
-from client.privacy import SitePrivacy, resolve_policy
+from client.privacy import SitePrivacy, dp_training, resolve_policy
 from client.release import release_counts
 from client.local_state import site_local_params
 from client.site import SiteIdentity, resolve_site
@@ -87,6 +87,7 @@ def run_train(
     """One round of local training at this site: returns (site, new weights, metrics)."""
     cfg, site, policy, datasets, screener = _prepare(node_config, job_yaml, weights, run_id)
     privacy = None
+    fed = dp_training(cfg.federation, policy) if policy.enabled else cfg.federation
     if policy.enabled:
         privacy = SitePrivacy.open(site.data_dir, policy)
         # raises BudgetSpent (-> an error reply the server logs) before any step is taken
@@ -94,13 +95,13 @@ def run_train(
             run_id or "run",
             server_round,
             planned_rounds=cfg.rounds,
-            local_epochs=cfg.federation.local_epochs,
+            local_epochs=fed.local_epochs,
             n_train=len(datasets["train"]),
-            batch_size=cfg.federation.batch_size,
+            batch_size=fed.batch_size,
         )
     # site-secret order: never derived from the seed or round the server sent (client.randomness)
-    loader = make_loader(datasets["train"], cfg.federation.batch_size, shuffle=True, seed=None)
-    result = train_local(screener, loader, cfg.federation, site.device, privacy=privacy, proximal_mu=proximal_mu)
+    loader = make_loader(datasets["train"], fed.batch_size, shuffle=True, seed=None)
+    result = train_local(screener, loader, fed, site.device, privacy=privacy, proximal_mu=proximal_mu)
     # the same keys with and without DP (Flower aborts a run whose sites reply with different keys);
     # under DP the loss/accuracy of the private batches are not covered by the guarantee: NaN, and
     # steps is the accountant's count (the physical-batch count depends on the Poisson draw)

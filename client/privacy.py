@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -35,13 +35,14 @@ from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.utils.batch_memory_manager import wrap_data_loader
 from opacus.validators import ModuleValidator
+import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from client.ledger import PrivacyLedger, RoundEntry, RunPlan, Step, merge_history
 from client.randomness import site_generator
-from shared.config import ConfigError, PrivacyConfig, load_yaml_file
+from shared.config import ConfigError, FederationConfig, PrivacyConfig, load_yaml_file
 from shared.losses import DP_SAFE_AUX
 
 log = logging.getLogger("fedmsk.privacy")
@@ -52,7 +53,35 @@ MAX_NOISE_MULTIPLIER = 32.0  # above this the noise drowns any gradient: a lefto
 EPS_RTOL = 1e-3
 BUDGET_FLOOR = 0.02  # a leftover under 2% of the target (the calibration's slack) counts as spent  # relative slack when comparing an accountant's epsilon with the target (estimation noise)
 NODE_PRIVACY_CONFIG = "privacy-config"  # node_config key: path of the site's own privacy policy YAML
-POLICY_KEYS = ("target_epsilon", "delta", "max_grad_norm", "accountant", "release_noise", "release_epsilon", "release_budget")
+POLICY_KEYS = ("target_epsilon", "delta", "max_grad_norm", "accountant", "release_noise", "release_epsilon", "release_budget",
+               "optimizer", "lr", "batch_size", "local_epochs")
+DP_TRAINING_KEYS = ("optimizer", "lr", "batch_size", "local_epochs")  # a policy's local-training settings under DP
+
+
+class GhostCriterion(nn.Module):
+    """fedmsk's criterion in the form Opacus' ghost clipping takes: per-sample losses on request.
+
+    Ghost clipping (``grad_sample_mode="ghost"``) wraps the criterion and calls it with
+    ``reduction="none"`` to get one loss per patient, then runs a second, reweighted backward.
+    fedmsk's ``Criterion`` takes the model's whole output dict and returns ``(loss, parts)``, a
+    batch mean; it has no ``reduction``. Every loss allowed under DP is per-sample (batch-coupled
+    ones are refused), so patient i's loss is the criterion on patient i's outputs alone.
+    """
+
+    def __init__(self, criterion: nn.Module) -> None:
+        super().__init__()
+        self.criterion = criterion
+        self.reduction = "mean"  # Opacus switches it to "none" around its call
+
+    def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        if self.reduction != "none":
+            return self.criterion(outputs, labels)[0]
+        n = labels.shape[0]
+        if n == 0:
+            return outputs["logits"].sum(dim=1) * 0.0
+        rows = [{k: v[i : i + 1] if torch.is_tensor(v) and v.shape[:1] == (n,) else v for k, v in outputs.items()}
+                for i in range(n)]
+        return torch.stack([self.criterion(row, labels[i : i + 1])[0] for i, row in enumerate(rows)])
 
 
 class BudgetSpent(RuntimeError):
@@ -131,6 +160,10 @@ def check_policy(policy: PrivacyConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: 'accountant' is '{policy.accountant}'; allowed: prv, rdp")
     if policy.target_epsilon <= 0 or not 0 < policy.delta < 1 or policy.max_grad_norm <= 0:
         raise ConfigError(f"{origin}: target_epsilon and max_grad_norm must be > 0 and delta in (0, 1)")
+    if policy.optimizer not in (None, "adam", "sgd"):
+        raise ConfigError(f"{origin}: 'optimizer' is '{policy.optimizer}'; allowed: adam, sgd (or null: the run's)")
+    if any(getattr(policy, k) is not None and getattr(policy, k) <= 0 for k in ("lr", "batch_size", "local_epochs")):
+        raise ConfigError(f"{origin}: lr, batch_size and local_epochs must be > 0 (or null: the run's)")
     if policy.release_noise not in ("none", "laplace", "gaussian"):
         raise ConfigError(f"{origin}: 'release_noise' is '{policy.release_noise}'; allowed: none, laplace, gaussian")
     if policy.release_noise != "none" and not 0 < policy.release_epsilon <= policy.release_budget:
@@ -151,6 +184,15 @@ def resolve_policy(node_config: dict[str, Any], proposed: PrivacyConfig, site_di
     if pinned:
         return PrivacyConfig(enabled=proposed.enabled or bool(pinned.get("enabled")), **_pinned_fields(pinned))
     return PrivacyConfig(**asdict(proposed))
+
+
+def dp_training(fed: FederationConfig, policy: PrivacyConfig) -> FederationConfig:
+    """The local-training settings a site uses under DP: the policy's, where it sets them.
+
+    Hyperparameters tuned without noise (Adam at lr 0.002) crawl under DP-SGD's noise; the
+    privacy presets carry settings chosen under DP on synthetic federations (bench/bench_dp.py).
+    """
+    return replace(fed, **{k: getattr(policy, k) for k in DP_TRAINING_KEYS if getattr(policy, k) is not None})
 
 
 def _pinned_fields(pinned: dict[str, Any]) -> dict[str, Any]:

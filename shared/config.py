@@ -131,6 +131,12 @@ class PrivacyConfig:
     release_noise: str = "none"
     release_epsilon: float = 0.5  # epsilon of one release (one split, one round) at delta
     release_budget: float = 10.0  # total epsilon per split; once spent the site stops answering for it
+    # local training under DP-SGD (null: the run's federation.* value); chosen under DP on synthetic
+    # federations (bench/bench_dp.py --sweep), never on a hospital's data
+    optimizer: str | None = None  # adam | sgd
+    lr: float | None = None
+    batch_size: int | None = None  # expected Poisson batch (sample rate = batch_size / training patients)
+    local_epochs: int | None = None
 
 
 @dataclass

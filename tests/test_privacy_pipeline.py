@@ -200,3 +200,16 @@ def test_released_counts_are_noised_and_booked(root, tmp_path, mechanism: str, b
         run_evaluate(node, job_yaml, weights, "val", 3, "r")
     run_evaluate(node, job_yaml, weights, "test", 3, "r")  # the test patients have their own budget
     assert len(PrivacyLedger.load(tmp_path / "sites" / "site_a").releases) == 3
+
+
+# ---------------------------------------------------------------------------- DP training settings of the policy
+def test_the_policys_dp_training_settings_drive_the_private_round(root, tmp_path) -> None:
+    """A site's policy (or the eps presets) sets batch size and local epochs under DP: the plan follows them."""
+    own = tmp_path / "site_privacy.yaml"
+    own.write_text("enabled: true\ntarget_epsilon: 8\naccountant: rdp\nbatch_size: 4\nlocal_epochs: 2\nlr: 0.05\noptimizer: sgd\n")
+    job_yaml = job(root, tmp_path, "federation.batch_size=16", "federation.local_epochs=1")
+    _, _, metrics = run_train({"partition-id": 0, "privacy-config": str(own)}, job_yaml, initial(job_yaml), 1, "r")
+    plan = PrivacyLedger.load(tmp_path / "sites" / "site_a").plans["r"]
+    per_epoch = math.ceil(metrics["num-examples"] / 4)  # batches of 4, not the run's 16
+    assert plan.sample_rate == pytest.approx(1 / per_epoch)
+    assert metrics["steps"] == 2 * per_epoch  # two local epochs, not the run's one
