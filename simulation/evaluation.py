@@ -38,7 +38,7 @@ def split_patient_ids(site, cfg: FedmskConfig, split: str) -> list[str]:
 
 def pooled_test_metrics(screener: Screener, cfg: FedmskConfig, federation, device: str = "cpu") -> dict[str, float | None]:
     """Metrics of ``screener`` on all sites' test patients pooled, plus the oracle AUC."""
-    from simulation.oracle import oracle_auc
+    from simulation.oracle import oracle_auc, oracle_grading
 
     labels, probs, keys = [], [], []
     for folder, site, datasets in federation:
@@ -51,6 +51,9 @@ def pooled_test_metrics(screener: Screener, cfg: FedmskConfig, federation, devic
     out["n"] = float(len(keys))
     oracle_file = Path(cfg.data_root) / "oracle.csv"
     out["oracle_auc"] = oracle_auc(cfg.data_root, keys) if oracle_file.is_file() else None
+    if len(cfg.task.classes) > 2:  # graded task: per-grade F1 and the screening view, oracle beside
+        out.update({k: v for k, v in metrics.items() if k.startswith("f1_class") or k in ("screen_auc", "screen_sen", "screen_spc")})
+        out.update(oracle_grading(cfg.data_root, keys) if oracle_file.is_file() else {})
     return out
 
 

@@ -36,6 +36,8 @@ def read_oracle(data_root: str | Path) -> dict[OracleKey, tuple[float, int]]:
 def oracle_auc(data_root: str | Path, keys: Iterable[OracleKey]) -> float:
     """AUC of the latent score against the label over the given patients (e.g. the test split).
 
+    A label above 0 is positive: for a graded task this is the screening AUC (any fracture).
+
     Returns NaN when the patients hold a single class, where an AUC is undefined.
     """
     oracle = read_oracle(data_root)
@@ -44,7 +46,25 @@ def oracle_auc(data_root: str | Path, keys: Iterable[OracleKey]) -> float:
     if missing:
         raise KeyError(f"{len(missing)} patients not in {Path(data_root) / ORACLE_FILE}, e.g. {missing[0]}")
     scores = [oracle[k][0] for k in wanted]
-    labels = [oracle[k][1] for k in wanted]
+    labels = [int(oracle[k][1] > 0) for k in wanted]  # a graded label (Genant 0-3): screening, grade >= 1
     if len(set(labels)) < 2:
         return float("nan")
     return float(roc_auc_score(labels, scores))
+
+
+def oracle_grading(data_root: str | Path, keys: Iterable[OracleKey]) -> dict[str, float]:
+    """Macro-F1 and per-grade F1 of the generator's grade of the true value (``oracle_grade``)
+    against the label, for generators that write one (graded tasks); {} otherwise."""
+    from sklearn.metrics import f1_score
+
+    path = Path(data_root) / ORACLE_FILE
+    with path.open(newline="") as fh:
+        rows = {(r["site"], r["patient_id"]): r for r in csv.DictReader(fh)}
+    wanted = [rows[k] for k in keys if k in rows]
+    if not wanted or "oracle_grade" not in wanted[0]:
+        return {}
+    labels = [int(r["label"]) for r in wanted]
+    grades = [int(r["oracle_grade"]) for r in wanted]
+    classes = sorted(set(labels) | set(grades))
+    per_class = f1_score(labels, grades, labels=classes, average=None, zero_division=0)
+    return {"oracle_f1": float(per_class.mean())} | {f"oracle_f1_class{c}": float(v) for c, v in zip(classes, per_class)}
