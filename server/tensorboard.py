@@ -18,6 +18,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 
 NOT_SCALARS = {"round", "phase", "split", "site", "time"}
+SKIP_PREFIXES = ("hist_",)  # score-histogram bins: 100 counts a row, read through the ROC of `fedmsk report`
 TB_DIRNAME = "tensorboard"
 
 
@@ -26,7 +27,8 @@ def scalar_tags(row: dict[str, Any]) -> dict[str, float]:
     prefix = row["split"] or row["phase"]
     out = {}
     for key, value in row.items():
-        if key in NOT_SCALARS or isinstance(value, (str, bool)) or value is None or math.isnan(float(value)):
+        if key in NOT_SCALARS or key.startswith(SKIP_PREFIXES) or isinstance(value, (str, bool)) or value is None \
+                or math.isnan(float(value)):
             continue
         out[f"{prefix}/{key}"] = float(value)
     return out

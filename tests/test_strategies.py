@@ -285,3 +285,11 @@ def test_local_params_naming_nothing_or_everything_is_refused():
         compose(["strategy.local_params=[net.nothing.*]"])
     with pytest.raises(ConfigError, match="every parameter"):
         compose(["model=logreg", "strategy.local_params=[net.*]"])
+
+
+def test_tensorboard_tags_leave_out_histogram_bins_and_undefined_values():
+    from server.tensorboard import scalar_tags
+
+    row = {"round": 2, "phase": "evaluate", "split": "val", "site": "site_a", "time": 1.0,
+           "auc": 0.8, "loss": float("nan"), "pre": None, "hist_neg_00": 3.0, "hist_pos_00": 1.0}
+    assert scalar_tags(row) == {"val/auc": 0.8}
