@@ -40,6 +40,17 @@ class Verb:
     role: str = "researcher"  # site | coordinator | researcher: groups the help text
 
 
+# packages that register config checks (model and loss names, DP safety of the aux loss, strategy
+# settings; see shared.config.register_check): a verb that trains imports them before it composes
+TRAINING_CHECKS = ("shared.models", "shared.losses", "server.strategy")
+
+
+def load_training_checks() -> None:
+    """Import the owners of the training config checks, so compose() runs them (costs torch + Flower)."""
+    for module in TRAINING_CHECKS:
+        importlib.import_module(module)
+
+
 def discover() -> dict[str, Verb]:
     import cli
 

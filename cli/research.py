@@ -6,7 +6,7 @@ import argparse
 
 from rich.console import Console
 
-from cli.main import Verb
+from cli.main import Verb, load_training_checks
 from shared.config import compose
 
 
@@ -18,6 +18,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from server.federation import RunStopped
     from simulation.runner import simulate
 
+    load_training_checks()
     try:
         simulate(compose(args.overrides), Console())
     except RunStopped as stop:  # nobody trained: the run folder says why; never "completed"
@@ -29,6 +30,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _central(args: argparse.Namespace) -> int:
     from simulation.central import central
 
+    load_training_checks()
     central(compose(args.overrides), Console())
     return 0
 

@@ -166,6 +166,7 @@ def launch(
     else:
         run_dir = Path(next(o for o in overrides if o.startswith("run_dir=")).split("=", 1)[1])
     if (app / "configs" / "config.yaml").is_file():  # a fedmsk app: fail here, not in the ServerApp, on a wrong key
+        import server.strategy, shared.losses, shared.models  # noqa: F401,E401 -- they register config checks
         cfg = compose(overrides, config_dir=app / "configs")
         timeout_s = default_timeout(cfg) if timeout_s is None else timeout_s
     timeout_s = NON_FEDMSK_TIMEOUT_S if timeout_s is None else timeout_s

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from shared.config import FedmskConfig
+from shared.config import FedmskConfig, register_check
 from shared.messages import NUM_EXAMPLES
 from shared.grading import pool_grading
 from shared.metrics import counts_metrics
@@ -163,6 +163,7 @@ STRATEGIES: dict[str, Callable[[FedmskConfig], Strategy]] = {
 }
 
 
+@register_check  # run by shared.config.validate wherever this module is imported (the verbs that train)
 def check_strategy(cfg: FedmskConfig) -> None:
     """Refuse strategy settings that cannot work, at start, naming the key (ConfigError)."""
     from shared.config import ConfigError

@@ -10,6 +10,7 @@ not a surprise at round 7. Values that need more than a type check are checked i
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,26 @@ from omegaconf.errors import OmegaConfBaseException
 CONFIG_DIR = Path(os.environ.get("FEDMSK_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
 
+DEFAULT_LR = 1e-3  # federation.lr when neither it nor model.lr is set
+
+
 class ConfigError(ValueError):
     """A config value that fedmsk cannot run with; the message names the key and the fix."""
+
+
+# Checks that need a registry owned by a package above this one (model and loss names, the DP safety
+# of the aux loss, strategy settings). The owner registers its check when it is imported, so shared/
+# imports nothing from client/ or server/, and composing a config for `fedmsk check` imports neither
+# torch nor Flower. A verb that trains imports the owners before it composes
+# (``cli.main.load_training_checks``), so a wrong name still stops it at compose time.
+_CHECKS: list[Callable[[FedmskConfig], None]] = []
+
+
+def register_check(check: Callable[[FedmskConfig], None]) -> Callable[[FedmskConfig], None]:
+    """Add ``check`` (raises ConfigError) to what ``validate`` runs; idempotent, usable as a decorator."""
+    if check not in _CHECKS:
+        _CHECKS.append(check)
+    return check
 
 
 @dataclass
@@ -67,10 +86,10 @@ class TaskConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     augment: bool = True
     columns: list[ColumnSpec] = field(default_factory=list)
-
-
-@dataclass
-class ModelConfig:
+    # threshold of the reported ACC/F1/SEN/SPC/PRE, chosen on the validation split (binary tasks):
+    # youden (max SEN + SPC - 1) | sensitivity (highest threshold reaching target_sensitivity) | fixed (0.5)
+    operating_point: str = "youden"
+    target_sensitivity: float = 0.8
     # raw label value in the CSV -> class (empty: the value is the class), e.g. Genant 0-3 -> fracture 0/1
     label_map: dict[int, int] = field(default_factory=dict)
     # CT volumes (shared/volume.py): HU window [low, high] scaled to [0, 1] (null: the volume's min/max),
@@ -78,6 +97,10 @@ class ModelConfig:
     hu_window: list[float] | None = None
     crop: str = "center"
     bone_hu: float = 250.0
+
+
+@dataclass
+class ModelConfig:
     name: str = "mmcl"
     width: int = 16
     stages: int = 3
@@ -90,6 +113,8 @@ class ModelConfig:
     aux_weight: float = 0.0
     temperature: float = 0.2
     pretrained_path: str | None = None
+    fusion: str = "attention"  # mmcl: attention (MM-CL's visual-clinical self-attention) | gate (ablation)
+    lr: float | None = None  # the learning rate tuned for this model; federation.lr, when set, wins
 
 
 @dataclass
@@ -143,7 +168,7 @@ class PrivacyConfig:
 class FederationConfig:
     local_epochs: int = 1
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float | None = None  # null: the model's tuned model.lr (DEFAULT_LR when it has none)
     weight_decay: float = 1e-4
     optimizer: str = "adam"
     client_cpus: int = 1
@@ -166,6 +191,8 @@ class SynthConfig:
     prevalence: list[float] = field(default_factory=lambda: [0.3, 0.22, 0.38])
     image_size: int = 128
     missing_rate: list[float] = field(default_factory=lambda: [0.02, 0.1, 0.05])
+    image_signal: float = 1.0  # weight of the image-only muscle term in the latent score
+    clinical_signal: float = 1.0  # weight of what the clinical table explains
 
 
 @dataclass
@@ -189,7 +216,9 @@ class FedmskConfig:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "task.modality": ("xray2d", "ct3d"),
     "task.image_select": ("first", "all", "series_description"),
+    "task.crop": ("center", "bone"),
     "privacy.accountant": ("prv", "rdp"),
+    "task.operating_point": ("youden", "sensitivity", "fixed"),
     "privacy.release_noise": ("none", "laplace", "gaussian"),
     "federation.optimizer": ("adam", "sgd"),
 }
@@ -208,43 +237,37 @@ def _schema_merge(raw: Any, origin: str) -> FedmskConfig:
             f"Check the spelling against configs/ (see `fedmsk simulate --help`)."
         ) from None
     assert isinstance(cfg, FedmskConfig)
+    if cfg.federation.lr is None:  # each model trains at the learning rate tuned for it
+        cfg.federation.lr = cfg.model.lr if cfg.model.lr is not None else DEFAULT_LR
     validate(cfg)
     return cfg
 
 
 def validate(cfg: FedmskConfig) -> None:
     """Check values whose type is right but whose meaning is not; raise ConfigError."""
-    "task.crop": ("center", "bone"),
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"config '{key}' is '{value}'; allowed: {', '.join(allowed)}")
-    from shared.models import MODELS  # registry import kept local: config is imported everywhere
-    from shared.losses import AUX_LOSSES
-
-    if cfg.model.name not in MODELS:
-        raise ConfigError(f"config 'model.name' is '{cfg.model.name}'; registered models: {', '.join(sorted(MODELS))}")
-    if cfg.model.aux_loss not in AUX_LOSSES:
-        raise ConfigError(
-            f"config 'model.aux_loss' is '{cfg.model.aux_loss}'; available: {', '.join(sorted(AUX_LOSSES))}"
-        )
-    from shared.losses import check_dp_safe
-
-    check_dp_safe(cfg)  # a batch-coupled aux loss under DP is refused before anything starts
-    from server.strategy import check_strategy
-
-    check_strategy(cfg)
+    for check in _CHECKS:  # names and settings only their owners know (models, losses, strategies)
+        check(cfg)
     if cfg.num_sites < 1 or cfg.rounds < 1:
         raise ConfigError("config 'num_sites' and 'rounds' must be at least 1")
     if not 0 < cfg.task.split.val + cfg.task.split.test < 1:
         raise ConfigError("config 'task.split': val + test must be between 0 and 1 (the rest trains)")
+    if not 0.0 < cfg.task.target_sensitivity <= 1.0:
+        raise ConfigError(f"config 'task.target_sensitivity' is {cfg.task.target_sensitivity}; use a value in (0, 1]")
     if len(cfg.task.classes) < 2:
         raise ConfigError("config 'task.classes' needs at least two classes")
     if len(cfg.task.image_size) != cfg.task.spatial_dims:
         raise ConfigError(
             f"config 'task.image_size' has {len(cfg.task.image_size)} values but task.spatial_dims is {cfg.task.spatial_dims}"
         )
+    if set(cfg.task.label_map.values()) - set(cfg.task.classes):
+        raise ConfigError(f"config 'task.label_map' maps to {sorted(set(cfg.task.label_map.values()))}, not all in task.classes {cfg.task.classes}")
+    if cfg.task.hu_window is not None and (len(cfg.task.hu_window) != 2 or cfg.task.hu_window[0] >= cfg.task.hu_window[1]):
+        raise ConfigError(f"config 'task.hu_window' is {cfg.task.hu_window}; give [low, high] in HU with low < high")
     names = [c.name for c in cfg.task.columns]
     if len(set(names)) != len(names):
         raise ConfigError(f"config 'task.columns' declares a column twice: {names}")
@@ -269,10 +292,6 @@ def validate(cfg: FedmskConfig) -> None:
         raise ConfigError("config 'federation': local_epochs and batch_size must be >= 1 and lr > 0")
     p = cfg.privacy
     if p.enabled and (p.target_epsilon <= 0 or not 0 < p.delta < 1 or p.max_grad_norm <= 0):
-    if set(cfg.task.label_map.values()) - set(cfg.task.classes):
-        raise ConfigError(f"config 'task.label_map' maps to {sorted(set(cfg.task.label_map.values()))}, not all in task.classes {cfg.task.classes}")
-    if cfg.task.hu_window is not None and (len(cfg.task.hu_window) != 2 or cfg.task.hu_window[0] >= cfg.task.hu_window[1]):
-        raise ConfigError(f"config 'task.hu_window' is {cfg.task.hu_window}; give [low, high] in HU with low < high")
         raise ConfigError("config 'privacy': target_epsilon and max_grad_norm must be > 0 and delta in (0, 1)")
 
 

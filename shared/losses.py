@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.config import ConfigError, FedmskConfig
+from shared.config import ConfigError, FedmskConfig, register_check
 
 BRANCH_WEIGHT = 0.5  # weight of the mean CE over deeply supervised branch logits (logits_<branch>)
 BANK_SIZE = 256  # negatives in the fixed non-private bank
@@ -198,9 +198,12 @@ class Criterion(nn.Module):
         return loss, parts
 
 
+@register_check  # at compose time too: a batch-coupled aux loss under DP is refused before anything starts
 def check_dp_safe(cfg: FedmskConfig) -> None:
     """Refuse a batch-coupled auxiliary loss when DP is on (the guarantee would silently fail)."""
     name = cfg.model.aux_loss
+    if name not in AUX_LOSSES:
+        raise ConfigError(f"config 'model.aux_loss' is '{name}'; available: {', '.join(sorted(AUX_LOSSES))}")
     if cfg.privacy.enabled and cfg.model.aux_weight > 0 and AUX_LOSSES[name].couples_batch:
         raise ConfigError(
             f"config 'model.aux_loss={name}' with 'privacy.enabled=true' is refused: {name} contrasts each "

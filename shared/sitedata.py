@@ -16,11 +16,9 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from monai.data import Dataset as MonaiDataset
 
 from shared.cache import CACHE_DIRNAME, PreprocessCache, combined_key, content_key
 from shared.clinical import ClinicalScaler, read_table
@@ -28,8 +26,11 @@ from shared.config import SplitConfig, TaskConfig
 from shared.dicom import DicomError, clip, read_header, read_image
 from shared.records import RecordIssue, issue
 from shared.series import group_by_series, order_slices, read_volume
+from shared.enhanced_ct import is_enhanced
 from shared.transforms import preprocess, preprocessing_key, train_augmentation
-from shared.volume import ct_input, is_enhanced, volume_key
+
+if TYPE_CHECKING:  # torch and MONAI are imported where they run (datasets, CT volumes): a 2D check needs neither
+    import torch
 
 __all__ = ["RecordIssue", "SiteData", "load_site", "split_indices", "make_datasets", "image_files"]
 
@@ -104,7 +105,7 @@ class _Loader:
     def __init__(self, root: Path, task: TaskConfig, progress: Progress | None, use_cache: bool, verify_all: bool) -> None:
         self.root, self.task, self.progress, self.verify_all = root, task, progress, verify_all
         self.resolved_root = root.resolve()
-        self.cache = PreprocessCache(root / CACHE_DIRNAME if use_cache else None, preprocessing_key(task) | volume_key(task))
+        self.cache = PreprocessCache(root / CACHE_DIRNAME if use_cache else None, preprocessing_key(task) | _volume_key(task))
         self.issues: list[RecordIssue] = []
         self.headers: dict[str, dict[str, Any]] = {}
         self.keys: dict[str, str] = {}
@@ -180,7 +181,10 @@ class _Loader:
             return self.cache.array(self.keys[unit.files[0]], compute)
         if self.task.hu_window is not None or self.task.crop != "center" or is_enhanced(self.headers, unit.files):
             files = list(unit.files)  # HU window, isotropic resampling, spine crop, enhanced CT: shared/volume.py
-            return self.cache.array(combined_key([self.keys[f] for f in files]), lambda: ct_input(self.root, files, self.headers, self.task))
+            from shared.volume import ct_input  # torch + MONAI: CT tasks only
+
+            return self.cache.array(combined_key([self.keys[f] for f in files]),
+                                    lambda: _preprocessed(lambda: ct_input(self.root, files, self.headers, self.task)))
         geometry = order_slices(self.headers, list(unit.files))  # header-only: cheap, never cached
 
         def compute_volume() -> np.ndarray:
@@ -235,6 +239,15 @@ class _Loader:
         """What the report must say about how a unit's files were read (e.g. without a meta header)."""
         notes = sorted({self.headers[f].get("note", "") for f in unit.files} - {""})
         return "; ".join(notes)
+
+
+def _volume_key(task: TaskConfig) -> dict[str, Any]:
+    """shared.volume.volume_key, imported only for a CT task (the module imports torch and MONAI)."""
+    if task.modality != "ct3d":
+        return {}
+    from shared.volume import volume_key
+
+    return volume_key(task)
 
 
 def _preprocessed(work: Callable[[], np.ndarray]) -> np.ndarray:
@@ -347,6 +360,9 @@ def make_datasets(site: SiteData, task: TaskConfig, seed: int, *, private: bool 
     DP), no rows at all: the task's reference values (ClinicalScaler.from_reference), so one
     patient's record never moves another's inputs. The training set alone is augmented.
     """
+    import torch
+    from monai.data import Dataset as MonaiDataset
+
     split = split_indices(site.labels, task.split, seed, groups=site.patient_ids)
     scaler = ClinicalScaler(task)
     scaler = scaler.from_reference() if private else scaler.fit(site.clinical_raw[split["train"]])

@@ -9,21 +9,15 @@ of them invalidates cached images.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from monai.transforms import (
-    Compose,
-    EnsureTyped,
-    Lambdad,
-    RandAffined,
-    RandGaussianNoised,
-    Resize,
-    ResizeWithPadOrCrop,
-)
 
 from shared.config import TaskConfig
+
+if TYPE_CHECKING:  # torch and MONAI cost seconds to import: only the functions that run them import them
+    import torch
+    from monai.transforms import Compose
 
 # bump when preprocess() changes behaviour: cached arrays from older code are then ignored
 PIPELINE_VERSION = 2
@@ -46,6 +40,9 @@ def preprocess(pixels: np.ndarray, spacing_mm: tuple[float, ...] | None, task: T
     ``spacing_mm`` wide, then centre-cropped/zero-padded to the input size, so a millimetre is
     the same number of pixels at every site. Without it the image is resized to the input size.
     """
+    import torch
+    from monai.transforms import ResizeWithPadOrCrop
+
     size = tuple(int(s) for s in task.image_size)
     if pixels.ndim != len(size):
         raise ValueError(f"image has {pixels.ndim} spatial dims, task.image_size {list(size)} has {len(size)}")
@@ -64,6 +61,8 @@ def preprocess(pixels: np.ndarray, spacing_mm: tuple[float, ...] | None, task: T
 def _resize(img: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Shrinking averages the covered pixels ("area": alias-free, and about 10x cheaper than a
     Gaussian anti-aliasing pass); enlarging interpolates (bi/trilinear)."""
+    from monai.transforms import Resize
+
     if all(t <= s for t, s in zip(size, img.shape[1:])):
         return Resize(size, mode="area")(img)
     return Resize(size, mode="bilinear" if len(size) == 2 else "trilinear")(img)
@@ -76,6 +75,9 @@ def train_augmentation(task: TaskConfig, seed: int) -> Compose:
     clamp (about 15% faster than ScaleIntensityRanged; still about 5 ms per 64x64 image on one
     CPU thread, most of it MONAI's MetaTensor bookkeeping).
     """
+    import torch
+    from monai.transforms import Compose, EnsureTyped, Lambdad, RandAffined, RandGaussianNoised
+
     dims = task.spatial_dims
     size = tuple(int(s) for s in task.image_size)
     transform = Compose([

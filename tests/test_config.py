@@ -1,8 +1,17 @@
 """Config composition: the real configs/ tree, overrides, and errors that name the key."""
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+from cli.main import load_training_checks
 from shared.config import ConfigError, compose, from_yaml, to_yaml
+
+load_training_checks()  # model, loss and strategy checks are registered by their owners (as the training verbs do)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_compose_to_the_sarcopenia_mmcl_run():
@@ -44,3 +53,39 @@ def test_batch_coupled_contrast_with_dp_is_refused_at_start_naming_the_safe_loss
         compose(["privacy.enabled=true", "model.aux_loss=supcon"])
     assert "prototype" in str(err.value)
     assert compose(["privacy.enabled=true", "model.aux_loss=prototype"]).privacy.enabled
+
+
+def test_shared_imports_nothing_above_it():
+    """Imports run downhill: shared/ never imports client/, server/, simulation/ or cli/."""
+    above = {"client", "server", "simulation", "cli"}
+    for path in (ROOT / "shared").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not {n.split(".")[0] for n in names} & above, f"{path.relative_to(ROOT)} imports {names}"
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_check_verb_imports_no_training_stack(tmp_path):
+    """`fedmsk check` composes its config and reads a site without torch, MONAI, Opacus, Flower or matplotlib."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from dicom_factory import ramp, task_config, valid_row, write_site
+
+    site = write_site(tmp_path / "s", [valid_row("p1"), valid_row("p2", label=1)], images={"p1": ramp(), "p2": ramp()})
+    heavy = ("torch", "monai", "opacus", "flwr", "matplotlib")
+    code = (f"import sys; from cli.main import main; rc = main(['check', {str(site)!r}, 'task.min_usable=2', "
+            f"'task.image_size=[16,16]']); print('LOADED', [m for m in {heavy!r} if m in sys.modules]); sys.exit(rc)")
+    from shared.sitedata import load_site
+
+    load_site(site, task_config(image_size=[16, 16]))  # decodes and fills the site's cache (MONAI resizes)
+    warm = _run(code)  # every image cached: nothing heavy is imported at all
+    assert warm.returncode == 0, warm.stderr
+    assert "LOADED []" in warm.stdout, warm.stdout[-300:]
+
+
+def test_training_verbs_still_refuse_a_wrong_name_at_compose_time():
+    done = _run("import sys; from cli.main import main; sys.exit(main(['central', 'model.aux_loss=triplet']))")
+    assert done.returncode == 2 and "model.aux_loss" in done.stderr, done.stderr[-500:]

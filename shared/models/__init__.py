@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared.config import ConfigError, FedmskConfig
+from shared.config import ConfigError, FedmskConfig, register_check
 from shared.models.clinical import ClinicalOnly, LogReg
 from shared.models.fracture3d import Fracture3D
 from shared.models.late_fusion import LateFusion
@@ -108,6 +108,14 @@ def load_pretrained(model: nn.Module, path: Path, name: str) -> None:
             f"stages, embed_dim, aux_loss and task columns?"
         )
     model.load_state_dict(state)
+
+
+
+@register_check
+def _check_model_name(cfg: FedmskConfig) -> None:
+    """At compose time, in every process that imports the models (shared.config.register_check)."""
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"config 'model.name' is '{cfg.model.name}'; registered models: {', '.join(sorted(MODELS))}")
 
 
 __all__ = ["MODELS", "ModelSpec", "build_model", "load_pretrained", "model_spec"]
