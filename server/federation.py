@@ -206,9 +206,10 @@ class Federation:
         if best is None:
             return arrays
         self.selected_round, auc, self.test_threshold = best
-        self._event(self.selected_round, "global", "selected round",
-                    f"best pooled validation AUC {auc:.3f}: the final model is this round's, "
-                    f"operating threshold {self.test_threshold:.2f} ({self.cfg.task.operating_point} on validation)")
+        text = (f"round {self.selected_round} has the best pooled validation AUC ({auc:.3f}): its model is the final "
+                f"one, operating threshold {self.test_threshold:.2f} ({self.cfg.task.operating_point} on validation)")
+        log.info("%s", text)
+        self.on_progress(text)
         if self.selected_round == self.cfg.rounds:
             return arrays
         return self.recorder.checkpoint_of(self.selected_round)

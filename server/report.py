@@ -143,6 +143,9 @@ class RunRecorder:
                         "line": dp_line(self.rows, self.events)},
             "val_auc_by_round": val_auc,
             "test_global": {m: pooled.get(m) for m in METRIC_NAMES},
+            # threshold chosen on validation (server.operating_point); AUC pooled from score histograms
+            "operating_point": {"rule": self.cfg.task.operating_point, "threshold": pooled.get("threshold"),
+                                "selected_round": pooled.get("selected_round"), "auc_site_mean": pooled.get("auc_site_mean")},
             "test_per_site": per_site,
             "events": self.events,
         }
@@ -226,7 +229,15 @@ def render_summary(summary: dict[str, Any]) -> str:
     g = summary["test_global"]
     lines.append("| **all sites** | " + " | ".join(_fmt(g[m]) for m in METRIC_NAMES) + " | | |")
     lines.append("")
-    lines.append("AUC over all sites is the example-weighted mean of site AUCs; the other metrics pool the sites' confusion counts.")
+    op = summary.get("operating_point") or {}
+    if op.get("threshold") is not None:
+        lines.append(
+            f"Model of round {_fmt(op.get('selected_round'))} (best pooled validation AUC). AUC over all sites is pooled "
+            f"from the sites' score histograms (mean of site AUCs: {_fmt(op.get('auc_site_mean'))}); ACC/F1/SEN/SPC/PRE "
+            f"at threshold {op['threshold']:.2f}, chosen on validation ({op['rule']}), from the pooled counts."
+        )
+    else:
+        lines.append("AUC over all sites is the example-weighted mean of site AUCs; the other metrics pool the sites' confusion counts.")
     for key, label in (("oracle_auc", "oracle AUC (latent score, same test patients)"), ("pooled_test", "pooled test set, evaluated locally")):
         if key in summary:
             lines.append(f"- {label}: {summary[key] if not isinstance(summary[key], dict) else ', '.join(f'{k} {_fmt(v)}' for k, v in summary[key].items())}")

@@ -219,6 +219,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "task.crop": ("center", "bone"),
     "privacy.accountant": ("prv", "rdp"),
     "task.operating_point": ("youden", "sensitivity", "fixed"),
+    "model.fusion": ("attention", "gate"),
     "privacy.release_noise": ("none", "laplace", "gaussian"),
     "federation.optimizer": ("adam", "sgd"),
 }

@@ -17,6 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from shared.grading import COUNT_PREFIXES as GRADING_COUNT_PREFIXES, grading_metric_keys
 
+from shared.metrics import HIST_KEYS
+
 # Keys of the server's ConfigRecord (besides Flower's own "server-round").
 JOB_KEY = "fedmsk-job"  # YAML of the run config the site trains with (site settings still win)
 RUN_ID_KEY = "run-id"
@@ -42,8 +44,8 @@ def is_count_key(key: str) -> bool:
 
 
 EVAL_METRIC_KEYS = frozenset(
-    {NUM_EXAMPLES, "loss", "auc", "acc", "f1", "sen", "spc", "pre", "tp", "fp", "tn", "fn"}
-)
+    {NUM_EXAMPLES, "loss", "auc", "acc", "f1", "sen", "spc", "pre", "tp", "fp", "tn", "fn", *HIST_KEYS}
+)  # HIST_KEYS: per-class score-histogram counts (binary tasks), for the pooled ROC at the server
 
 
 EVAL_METRIC_KEYS |= grading_metric_keys()  # grade tasks (shared.grading)

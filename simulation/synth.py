@@ -155,6 +155,9 @@ def site_specs(cfg: FedmskConfig) -> list[SiteSpec]:
                 scanner=_SCANNERS[i % len(_SCANNERS)],
             )
         )
+    for field_name in ("image_signal", "clinical_signal"):
+        if not 0.0 <= getattr(s, field_name) <= 5.0:
+            raise ConfigError(f"config 'synth.{field_name}' is {getattr(s, field_name)}; use a weight in [0, 5] (1 = default mix)")
     if s.image_size < 32:
         raise ConfigError(f"config 'synth.image_size' is {s.image_size}; use at least 32 pixels")
     return specs
@@ -183,13 +186,18 @@ def _softplus(x: np.ndarray) -> np.ndarray:
     return np.logaddexp(0.0, x)
 
 
-def latent_score(sex: np.ndarray, age: np.ndarray, smi: np.ndarray) -> np.ndarray:
+def latent_score(sex: np.ndarray, age: np.ndarray, smi: np.ndarray, clinical_signal: float = 1.0) -> np.ndarray:
     """The oracle's score: muscle deficit below the sex cut-off plus an age (strength/gait) term."""
     cutoff = np.where(sex == 1, SMI_CUTOFF[1], SMI_CUTOFF[0])
-    return (cutoff - smi) / SMI_SCALE + AGE_WEIGHT * _softplus((age - 70.0) / 6.0)
+    return (cutoff - smi) / SMI_SCALE + clinical_signal * AGE_WEIGHT * _softplus((age - 70.0) / 6.0)
 
 
-def sample_population(spec: SiteSpec, n: int, rng: np.random.Generator) -> Population:
+def sample_population(
+    spec: SiteSpec, n: int, rng: np.random.Generator, image_signal: float = 1.0, clinical_signal: float = 1.0
+) -> Population:
+    """Draw ``n`` patients. ``image_signal`` scales the image-only muscle term u in SMI (and so in
+    the label); ``clinical_signal`` scales what the table explains (the BMI and age terms of SMI
+    and the age term of the score). 1.0 and 1.0 is the documented default mix."""
     sex = (rng.random(n) < 0.45).astype(np.int64)
     age = np.clip(rng.normal(72.0 + spec.age_shift, 8.0, n), 55.0, 97.0).round()
     height = np.where(sex == 1, rng.normal(169.0, 6.5, n), rng.normal(156.0, 6.0, n)) - 0.08 * (age - 72.0)
@@ -198,9 +206,8 @@ def sample_population(spec: SiteSpec, n: int, rng: np.random.Generator) -> Popul
     hidden = rng.normal(0.0, 1.0, n)
     smi = (
         np.where(sex == 1, SMI_BASE[1], SMI_BASE[0])
-        + SMI_BMI * (bmi_true - 24.0)
-        + SMI_AGE * (age - 72.0)
-        + SMI_HIDDEN * hidden
+        + clinical_signal * (SMI_BMI * (bmi_true - 24.0) + SMI_AGE * (age - 72.0))
+        + image_signal * SMI_HIDDEN * hidden
     )
     bone = np.clip(1.0 - 0.012 * (age - 72.0) + 0.15 * sex + 0.15 * (smi - 6.6) + rng.normal(0, 0.15, n), 0.45, 1.6)
     grip = np.clip(
@@ -209,7 +216,7 @@ def sample_population(spec: SiteSpec, n: int, rng: np.random.Generator) -> Popul
         70.0,
     )
     gait = np.clip(1.05 - 0.012 * (age - 72.0) + 0.08 * (smi - 6.6) + rng.normal(0, 0.15, n), 0.2, 2.0)
-    latent = latent_score(sex, age, smi)
+    latent = latent_score(sex, age, smi, clinical_signal)
     noisy = latent + rng.normal(0.0, LABEL_NOISE, n)
     threshold = np.quantile(noisy, 1.0 - spec.prevalence)
     label = (noisy > threshold).astype(np.int64)
@@ -324,7 +331,7 @@ def _write_site(
     """Write one site folder; return its oracle rows (site, patient_id, latent, label)."""
     rng = np.random.default_rng([cfg.seed, spec.index, 1])
     n = spec.patients
-    pop = sample_population(spec, n + 1, rng)  # the extra patient is the image without a clinical row
+    pop = sample_population(spec, n + 1, rng, cfg.synth.image_signal, cfg.synth.clinical_signal)  # the extra patient is the image without a clinical row
     ids_num = rng.choice(np.arange(100000, 999999), size=n + 1, replace=False)
     letter = spec.name.removeprefix("site_").upper()
     ids = [f"{letter}{k}" for k in ids_num]
@@ -402,16 +409,18 @@ def _write_site(
 def _readme(cfg: FedmskConfig, specs: list[SiteSpec]) -> str:
     lines = [
         "fedmsk synthetic federation (written by `fedmsk synth`; safe to delete and regenerate)",
-        f"seed={cfg.seed} num_sites={cfg.num_sites} image_size={cfg.synth.image_size}",
+        f"seed={cfg.seed} num_sites={cfg.num_sites} image_size={cfg.synth.image_size} "
+        f"image_signal={cfg.synth.image_signal} clinical_signal={cfg.synth.clinical_signal}",
         "",
         "Layout: <site>/clinical.csv, <site>/images/<YYYYMM>/IM*.dcm (linked by PatientID, not by name);",
         "oracle.csv (site,patient_id,latent_score,label) lies outside the site folders and is never",
         "read by training: it gives the best score any model can reach (simulation/oracle.py).",
         "",
         "Latent model (sarcopenia = low muscle mass with low strength or slow gait, AWGS/EWGSOP):",
-        f"  SMI [kg/m2] = {SMI_BASE[1]} (men) / {SMI_BASE[0]} (women) + {SMI_BMI}*(BMI-24) {SMI_AGE:+}*(age-72)",
-        f"                + {SMI_HIDDEN}*u,  u ~ N(0,1) an individual term visible only in the image",
-        f"  latent s = (cutoff_sex - SMI)/{SMI_SCALE} + {AGE_WEIGHT}*softplus((age-70)/6),",
+        f"  SMI [kg/m2] = {SMI_BASE[1]} (men) / {SMI_BASE[0]} (women) + c*({SMI_BMI}*(BMI-24) {SMI_AGE:+}*(age-72))",
+        f"                + i*{SMI_HIDDEN}*u,  u ~ N(0,1) an individual term visible only in the image",
+        f"  latent s = (cutoff_sex - SMI)/{SMI_SCALE} + c*{AGE_WEIGHT}*softplus((age-70)/6),",
+        f"  with c = synth.clinical_signal = {cfg.synth.clinical_signal}, i = synth.image_signal = {cfg.synth.image_signal}",
         f"             cutoff {SMI_CUTOFF[1]} (men) / {SMI_CUTOFF[0]} (women)",
         f"  label = 1[s + e > t_site], e ~ N(0, {LABEL_NOISE}); t_site gives the site's prevalence exactly",
         "  grip_strength_kg and gait_speed_m_s: noisy functions of SMI and age (not model inputs)",

@@ -48,7 +48,7 @@ def test_every_registered_model_is_covered() -> None:
 @pytest.mark.parametrize(("name", "aux"), CASES)
 def test_forward_backward_shapes_and_gradients(name: str, aux: str) -> None:
     cfg = make_cfg(name, aux)
-    model = build_model(cfg, n_clinical=N_CLIN)
+    model = off_init(build_model(cfg, n_clinical=N_CLIN))
     image, clinical = batch()
     out = model(image, clinical)
     assert out["logits"].shape == (6, 2)
@@ -70,6 +70,16 @@ def test_forward_backward_shapes_and_gradients(name: str, aux: str) -> None:
         assert p.grad is not None, f"{name}: no gradient reaches {pname}"
         assert torch.isfinite(p.grad).all(), f"{name}: non-finite gradient in {pname}"
         assert p.grad.abs().sum() > 0, f"{name}: zero gradient in {pname}"
+
+
+def off_init(model: nn.Module) -> nn.Module:
+    """Move every weight off its init: zero-initialised parts (logreg, the fusion's residual
+    scale gamma, the clinical read-out) block gradients or inputs only at the init itself."""
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
 
 
 def test_late_fusion_logits_are_log_probabilities() -> None:
@@ -101,11 +111,7 @@ def changed_rows(model: nn.Module, j: int = 2) -> set[int]:
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize(("name", "aux"), CASES)
 def test_forward_is_per_sample(name: str, aux: str, mode: str) -> None:
-    model = build_model(make_cfg(name, aux), n_clinical=N_CLIN)
-    torch.manual_seed(5)
-    with torch.no_grad():  # move off the init (logreg starts at zero) so every output depends on the inputs
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    model = off_init(build_model(make_cfg(name, aux), n_clinical=N_CLIN))  # every output depends on the inputs
     model.train(mode == "train")
     assert changed_rows(model, j=2) == {2}
 
@@ -207,3 +213,24 @@ def test_real_config_builds_from_the_task_alone() -> None:
     assert model.clinical.net[0].in_features == len(feature_names(cfg.task))
     image = torch.rand(2, 1, *cfg.task.image_size)
     assert model(image, torch.randn(2, len(feature_names(cfg.task))))["logits"].shape == (2, len(cfg.task.classes))
+
+
+def test_gate_fusion_ablation_builds_and_stays_per_sample() -> None:
+    model = off_init(build_model(make_cfg("mmcl", "prototype", fusion="gate"), n_clinical=N_CLIN))
+    assert not any(type(m).__name__ == "VisualClinicalFusion" for m in model.modules())
+    assert changed_rows(model.train(), j=2) == {2}
+    assert ModuleValidator.validate(model, strict=False) == []
+
+
+def test_fusion_attends_over_image_positions_with_the_clinical_profile() -> None:
+    """VTFM: the clinical embedding takes part in the attention over the image map, so a patient's
+    clinical vector changes how its *visual* channels are pooled (once gamma leaves zero)."""
+    from shared.models.blocks import VisualClinicalFusion
+
+    torch.manual_seed(0)
+    fusion = VisualClinicalFusion(2, vis_channels=16, clin_dim=8)
+    feat, z1, z2 = torch.randn(2, 16, 4, 4), torch.randn(2, 8), torch.randn(2, 8)
+    with torch.no_grad():
+        assert torch.allclose(fusion(feat, z1)[:, :16], fusion(feat, z2)[:, :16])  # gamma = 0: identity at init
+        fusion.scale.gamma.fill_(1.0)
+        assert not torch.allclose(fusion(feat, z1)[:, :16], fusion(feat, z2)[:, :16], atol=1e-4)

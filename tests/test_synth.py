@@ -204,3 +204,22 @@ def test_cli_writes_and_tabulates(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert rc == 0 and "site_b" in out and "MONOCHROME1" in out
     assert len(_rows(root / "site_b")) == 12
+
+
+def test_signal_strengths_set_how_much_each_modality_explains() -> None:
+    """synth.image_signal / synth.clinical_signal weight the image-only term u and the table's terms."""
+    from simulation.synth import sample_population, site_specs
+
+    spec = site_specs(compose(["num_sites=1"]))[0]
+
+    def corr(image_signal: float, clinical_signal: float) -> tuple[float, float]:
+        pop = sample_population(spec, 4000, np.random.default_rng(0), image_signal, clinical_signal)
+        return np.corrcoef(pop.latent, pop.hidden)[0, 1], np.corrcoef(pop.latent, pop.age)[0, 1]
+
+    hidden_default, age_default = corr(1.0, 1.0)
+    hidden_image, age_image = corr(1.5, 0.7)
+    assert abs(hidden_default) > 0.3 and abs(age_default) > 0.3
+    assert abs(hidden_image) > abs(hidden_default) + 0.05 and abs(age_image) < abs(age_default) - 0.05
+    assert abs(corr(0.0, 1.0)[0]) < 0.05  # no image-only term: the table explains the score alone
+    with pytest.raises(ConfigError, match="synth.image_signal"):
+        site_specs(compose(["num_sites=1", "synth.image_signal=-1"]))

@@ -116,15 +116,78 @@ class ImageEncoder(nn.Module):
         self.nonlocal_block = NonLocalBlock(spatial_dims, ch, nonlocal_heads) if enhance else None
         self.embed = nn.Sequential(nn.Linear(ch, embed_dim), nn.LayerNorm(embed_dim))
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return the image embedding [B, embed_dim] and the CAM logits [B, K] (None without CAM)."""
+    @property
+    def channels(self) -> int:
+        """Channels of the feature map ``feature_map`` returns."""
+        return self.embed[0].in_features
+
+    def feature_map(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (CAM-enhanced, non-local) feature map [B, C, *spatial] and the CAM logits [B, K]."""
         feat = self.features(image)
         cam_logits = None
         if self.cam is not None and self.nonlocal_block is not None:
             feat, cam_logits = self.cam(feat)
             feat = self.nonlocal_block(feat)
-        pooled = feat.flatten(2).mean(dim=-1)
-        return self.embed(pooled), cam_logits
+        return feat, cam_logits
+
+    def embed_map(self, feat: torch.Tensor) -> torch.Tensor:
+        """Global average pool + projection to the image embedding [B, embed_dim]."""
+        return self.embed(feat.flatten(2).mean(dim=-1))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return the image embedding [B, embed_dim] and the CAM logits [B, K] (None without CAM)."""
+        feat, cam_logits = self.feature_map(image)
+        return self.embed_map(feat), cam_logits
+
+
+class LearnedScale(nn.Module):
+    """``gamma * x`` with a learnable scalar gamma, zero at init (the residual branch starts off).
+
+    Its own module with one tensor in and one out, so Opacus computes gamma's per-sample
+    gradient through functorch (a bare parameter inside a module with child layers would not get one).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gamma * x
+
+
+class VisualClinicalFusion(nn.Module):
+    """MM-CL's Visual-text Feature Fusion: self-attention over the visual map concatenated with
+    the clinical embedding broadcast to every position.
+
+    As in the published VTFM (a SAGAN-style block): the clinical vector is tiled over the
+    spatial positions and stacked with the visual channels, so each position's query and key
+    hold both modalities and the attention weights model which image regions matter for this
+    patient's clinical profile (visual<->clinical correlations, not a per-feature mix); value is
+    a 1x1 conv of the stacked map, the output ``x + gamma * attn(x)`` starts as identity
+    (gamma = 0), and global average pooling gives the fused vector. GroupNorm (not the
+    published BatchNorm) and a softmax over the positions of one sample keep it per-sample.
+    """
+
+    def __init__(self, spatial_dims: int, vis_channels: int, clin_dim: int, reduction: int = 8) -> None:
+        super().__init__()
+        ch = vis_channels + clin_dim
+        inner = max(ch // reduction, 4)
+        self.out_dim = ch
+        self.norm = nn.GroupNorm(group_norm(ch)[1]["num_groups"], ch)
+        self.query = Convolution(spatial_dims, ch, inner, kernel_size=1, conv_only=True)
+        self.key = Convolution(spatial_dims, ch, inner, kernel_size=1, conv_only=True)
+        self.value = Convolution(spatial_dims, ch, ch, kernel_size=1, conv_only=True)
+        self.scale = LearnedScale()
+
+    def forward(self, feat: torch.Tensor, z_clinical: torch.Tensor) -> torch.Tensor:
+        b, n = feat.shape[0], math.prod(feat.shape[2:])
+        tiled = z_clinical.reshape(b, -1, *([1] * (feat.dim() - 2))).expand(-1, -1, *feat.shape[2:])
+        x = torch.cat([feat, tiled], dim=1)
+        h = self.norm(x)
+        q, k, v = self.query(h).reshape(b, -1, n), self.key(h).reshape(b, -1, n), self.value(h).reshape(b, -1, n)
+        attn = torch.softmax(torch.einsum("bcn,bcm->bnm", q, k) * q.shape[1] ** -0.5, dim=-1)
+        y = torch.einsum("bnm,bcm->bcn", attn, v)
+        return (x.reshape(b, -1, n) + self.scale(y)).mean(dim=-1)
 
 
 class ClinicalEncoder(nn.Module):
