@@ -5,6 +5,7 @@ SuperLink that disappears under `fedmsk launch`. Every process is stopped by the
 import os
 import re
 import signal
+import sqlite3
 import threading
 import time
 
@@ -95,8 +96,19 @@ def test_a_killed_executor_is_named_and_replaced(fed, tmp_path):
     events = fed.server.supervise()
     assert len(events) == 1 and "executor (SuperExec) died (exit code -9)" in events[0] and "Restarted" in events[0]
     assert fed.server.executor is not dead and fed.server.executor.alive()
-    result = launch(fed.consortium, ["min-nodes=2"], app_dir=fed.toy, stream=False, timeout_s=240)
+    # Another writer holds state.db's write lock for 12 s while the run is submitted and taken: with
+    # Flower's own 5 s busy timeout the SuperLink answers "database is locked"; fedmsk waits longer.
+    locker = sqlite3.connect(fed.consortium.root / "state.db", isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(12.0, lambda: locker.execute("ROLLBACK"))
+    release.start()
+    try:
+        result = launch(fed.consortium, ["min-nodes=2"], app_dir=fed.toy, stream=False, timeout_s=240)
+    finally:
+        release.join()
+        locker.close()
     assert result.ok, result.status  # the next run is taken by the new executor, not left pending
+    assert "database is locked" not in fed.server.superlink.log_text()
 
 
 def test_a_site_revoked_while_running_stops_non_zero_and_says_so(fed):
