@@ -166,7 +166,7 @@ def render_card(card: dict[str, Any]) -> str:
              f"Inputs: {card['inputs']['image']}; {card['inputs']['clinical']}.", "",
              f"Output: {card['output']}. Clinical scaling: {card['inputs']['clinical_scaling']}.", "",
              f"Trained with {card['training']['strategy']} over {card['training']['rounds']} rounds "
-             f"(selected round {card['training']['selected_round'] or '-'}).", ""]
+             f"(final model from round {int(card['training']['selected_round']) if card['training']['selected_round'] else '-'}).", ""]
     if card["training"]["site_local_note"]:
         lines += [f"Note: {card['training']['site_local_note']} ({', '.join(card['training']['site_local_params'])}).", ""]
     lines += ["| site | train n | test n | epsilon | " + " | ".join(m.upper() for m in METRIC_NAMES) + " |",
@@ -211,6 +211,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     atomic_write_text(out_dir / CONFIG, to_yaml(cfg))
     atomic_write_text(out_dir / CARD, json.dumps(card, indent=2))
     atomic_write_text(out_dir / CARD_MD, render_card(card))
+    for path in out_dir.iterdir():  # a model to hand out: readable like the ONNX file, not 0600 temp-file modes
+        path.chmod(0o644)
     return out_dir
 
 
