@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 import time
@@ -120,9 +121,12 @@ def run_job(job: dict) -> dict:
     from shared.config import compose
 
     torch.set_num_threads(1)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
     cache = Path(job["cache"])
     if cache.is_file():
         return json.loads(cache.read_text())
+    if job.get("cached_only"):
+        return {}
     cfg = compose(job["overrides"] + [f"model={job['model']}"])
     start = time.perf_counter()
     if job["mode"] == "federated":
@@ -197,6 +201,7 @@ def main() -> None:
     ap.add_argument("--modes", default="federated,pooled")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="runs/bench-quality")
+    ap.add_argument("--summarise-only", action="store_true", help="tabulate the runs already cached, start none")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     out = Path(args.out).resolve()
@@ -212,18 +217,19 @@ def main() -> None:
             root = out / "data" / f"{name}_s{seed}"
             over = base + [f"seed={seed}", f"data_root={root}", f"synth.image_signal={image_signal}",
                            f"synth.clinical_signal={clinical_signal}"]
-            if not (root / "oracle.csv").is_file():
+            if not (root / "oracle.csv").is_file() and not args.summarise_only:
                 write_federation(compose(over))
             for mode in args.modes.split(","):
                 for model in args.models.split(","):
                     key = f"{name}_s{seed}_{mode}_{model}"
                     jobs.append({"mix": name, "seed": seed, "mode": mode, "model": model, "overrides": over,
+                                 "cached_only": args.summarise_only,
                                  "cache": str(out / "jobs" / f"{key}.json"), "run_dir": str(out / "runs" / key)})
     jobs.sort(key=lambda j: (j["model"] not in NEURAL, j["seed"], j["mix"]))
     print(f"bench_quality: {len(jobs)} runs ({len(mixes)} mixes x {len(seeds)} seeds) on {args.workers} workers -> {out}")
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        rows = list(pool.map(run_job, jobs))
+        rows = [r for r in pool.map(run_job, jobs) if r]
     summary = summarise(rows, [m[0] for m in mixes])
     RESULTS.mkdir(exist_ok=True)
     result = {"overrides": base, "mixes": mixes, "seeds": seeds, "rows": rows, **summary,

@@ -120,3 +120,14 @@ def test_dp_safe_losses_are_accepted_with_dp() -> None:
     assert set(DP_SAFE_AUX) == {"none", "prototype", "infonce_bank", "views"}
     for aux in DP_SAFE_AUX:
         assert not build_criterion(make_cfg(aux, dp=True)).couples_batch
+
+
+def test_the_default_model_trains_under_a_site_dp_policy() -> None:
+    """A hospital bundle's privacy.yaml switches DP on: the default MM-CL config must still be
+    trainable (issue 9), with its auxiliary contrastive term kept on and per-sample."""
+    from shared.config import compose
+
+    cfg = compose(["privacy.enabled=true"])
+    assert cfg.model.name == "mmcl" and cfg.model.aux_weight > 0
+    criterion = build_criterion(cfg)
+    assert cfg.model.aux_loss in DP_SAFE_AUX and not criterion.couples_batch
