@@ -16,7 +16,7 @@ from server.app import default_run_dir
 from server.report import RunRecorder
 from server.strategy import pool_site_metrics
 from shared.config import FedmskConfig, resolve_device
-from simulation.evaluation import load_federation, pooled_test_metrics
+from simulation.evaluation import check_side_files, load_federation, pooled_test_metrics, run_extras
 
 
 def central(cfg: FedmskConfig, console: Console | None = None) -> dict:
@@ -25,6 +25,7 @@ def central(cfg: FedmskConfig, console: Console | None = None) -> dict:
     torch.set_num_threads(max(1, cfg.federation.torch_threads))  # as each simulated site does
     device = resolve_device(cfg.device)
     federation = load_federation(cfg)
+    use_oracle = check_side_files(cfg, [folder for folder, _, _ in federation], console)
     run_dir = default_run_dir(cfg, "central").resolve()
     recorder = RunRecorder(run_dir, cfg)
     pooled_train = ConcatDataset([d["train"] for _, _, d in federation])
@@ -53,6 +54,8 @@ def central(cfg: FedmskConfig, console: Console | None = None) -> dict:
         evaluate_all(rnd, "val")
     evaluate_all(cfg.rounds, "test")
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in screener.state_dict().items()})
-    summary = recorder.finish(arrays, {"pooled_test": pooled_test_metrics(screener, cfg, federation, device)})
+    extras = run_extras({"pooled_test": lambda: pooled_test_metrics(screener, cfg, federation, device, oracle=use_oracle)},
+                        console)
+    summary = recorder.finish(arrays, extras)
     console.print((run_dir / "summary.md").read_text())
     return summary

@@ -7,10 +7,13 @@ the oracle AUC (the latent score the generator wrote, on the same patients) besi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from client.site import list_sites
 from client.trainer import Screener, make_loader, predict
@@ -36,8 +39,12 @@ def split_patient_ids(site, cfg: FedmskConfig, split: str) -> list[str]:
     return [site.patient_ids[i] for i in idx]
 
 
-def pooled_test_metrics(screener: Screener, cfg: FedmskConfig, federation, device: str = "cpu") -> dict[str, float | None]:
-    """Metrics of ``screener`` on all sites' test patients pooled, plus the oracle AUC."""
+def pooled_test_metrics(screener: Screener, cfg: FedmskConfig, federation, device: str = "cpu",
+                        oracle: bool | None = None) -> dict[str, float | None]:
+    """Metrics of ``screener`` on all sites' test patients pooled, plus the oracle AUC.
+
+    ``oracle``: whether to read ``oracle.csv`` (``check_side_files`` decides at start); None: if it exists.
+    """
     from simulation.oracle import oracle_auc, oracle_grading
 
     labels, probs, keys = [], [], []
@@ -49,11 +56,45 @@ def pooled_test_metrics(screener: Screener, cfg: FedmskConfig, federation, devic
     metrics = classification_metrics(np.concatenate(labels), np.concatenate(probs))
     out: dict[str, float | None] = {k: metrics[k] for k in ("auc", "acc", "f1", "sen", "spc", "pre")}
     out["n"] = float(len(keys))
-    oracle_file = Path(cfg.data_root) / "oracle.csv"
-    out["oracle_auc"] = oracle_auc(cfg.data_root, keys) if oracle_file.is_file() else None
+    use_oracle = (Path(cfg.data_root) / "oracle.csv").is_file() if oracle is None else oracle
+    out["oracle_auc"] = oracle_auc(cfg.data_root, keys) if use_oracle else None
     if len(cfg.task.classes) > 2:  # graded task: per-grade F1 and the screening view, oracle beside
         out.update({k: v for k, v in metrics.items() if k.startswith("f1_class") or k in ("screen_auc", "screen_sen", "screen_spc")})
-        out.update(oracle_grading(cfg.data_root, keys) if oracle_file.is_file() else {})
+        out.update(oracle_grading(cfg.data_root, keys) if use_oracle else {})
+    return out
+
+
+def check_side_files(cfg: FedmskConfig, sites: list[Path], console: Console) -> bool:
+    """Validate optional files beside the site folders at start; True when the oracle can be used.
+
+    A file that is not fedmsk's (a research group's own oracle.csv) is said now, and the run goes
+    on without what it would have added.
+    """
+    from simulation.oracle import oracle_problem
+
+    problem = oracle_problem(cfg.data_root, [s.name for s in sites])
+    if problem:
+        console.print(f"[yellow]oracle.csv not used[/]: {problem}; the run goes on without the oracle AUC", highlight=False)
+    return problem is None and (Path(cfg.data_root) / "oracle.csv").is_file()
+
+
+def run_extras(extras: dict[str, Callable[[], Any]], console: Console) -> dict[str, Any]:
+    """Run the reporting extras of a finished run; one that fails is skipped and named, never the run.
+
+    The model, metrics and summary are written whatever an extra does; ``summary.json`` lists what
+    was skipped and why under ``skipped``, and the verb still exits 0 (the run itself completed).
+    """
+    out: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for name, compute in extras.items():
+        try:
+            out[name] = compute()
+        except Exception as exc:  # noqa: BLE001 -- a report step must not lose a finished run
+            skipped[name] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            console.print(f"[yellow]skipped {name}[/]: {skipped[name]}; weights, metrics and summary are written",
+                          highlight=False)
+    if skipped:
+        out["skipped"] = skipped
     return out
 
 

@@ -17,20 +17,55 @@ from sklearn.metrics import roc_auc_score
 from simulation.synth import ORACLE_FILE
 
 OracleKey = tuple[str, str]  # (site, patient_id)
+ORACLE_COLUMNS = ("site", "patient_id", "latent_score", "label")  # what `fedmsk synth` writes
+
+
+class OracleError(ValueError):
+    """``<data_root>/oracle.csv`` exists but is not the file `fedmsk synth` writes."""
 
 
 def read_oracle(data_root: str | Path) -> dict[OracleKey, tuple[float, int]]:
-    """(site, patient_id) -> (latent_score, label) from ``<data_root>/oracle.csv``."""
+    """(site, patient_id) -> (latent_score, label) from ``<data_root>/oracle.csv``; OracleError if it is another file."""
     path = Path(data_root) / ORACLE_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist: the oracle exists only for federations written by `fedmsk synth`"
         )
-    with path.open(newline="") as fh:
-        return {
-            (row["site"], row["patient_id"]): (float(row["latent_score"]), int(row["label"]))
-            for row in csv.DictReader(fh)
-        }
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            absent = [c for c in ORACLE_COLUMNS if c not in (reader.fieldnames or [])]
+            if absent:
+                raise OracleError(f"{path} has columns {reader.fieldnames}, not the {list(ORACLE_COLUMNS)} "
+                                  f"`fedmsk synth` writes (missing {absent})")
+            out: dict[OracleKey, tuple[float, int]] = {}
+            for line, row in enumerate(reader, start=2):
+                try:
+                    out[(row["site"], row["patient_id"])] = (float(row["latent_score"]), int(row["label"]))
+                except (TypeError, ValueError):
+                    raise OracleError(f"{path}:{line}: latent_score '{row['latent_score']}' / label '{row['label']}' "
+                                      f"is not a number") from None
+            return out
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise OracleError(f"{path} is not a readable CSV ({exc})") from None
+
+
+def oracle_problem(data_root: str | Path, sites: Iterable[str]) -> str | None:
+    """Why ``<data_root>/oracle.csv`` cannot give the oracle AUC for these site folders, or None when it can.
+
+    Checked when a run starts, so that a researcher's own file of that name costs the oracle column
+    (said at once), never the finished run. An absent file is not a problem: real data has no oracle.
+    """
+    if not (Path(data_root) / ORACLE_FILE).is_file():
+        return None
+    try:
+        oracle = read_oracle(data_root)
+    except OracleError as exc:
+        return str(exc)
+    uncovered = sorted(set(sites) - {site for site, _ in oracle})
+    if uncovered:
+        return f"{Path(data_root) / ORACLE_FILE} has no patients of site(s) {uncovered}: it belongs to another federation"
+    return None
 
 
 def oracle_auc(data_root: str | Path, keys: Iterable[OracleKey]) -> float:

@@ -42,11 +42,12 @@ def simulate(cfg: FedmskConfig, console: Console | None = None) -> dict:
     from flwr.simulation import run_simulation
 
     from client.secagg_app import app as client_app  # plain messages go on to client.app
-    from simulation.evaluation import load_federation, load_screener, pooled_test_metrics
+    from simulation.evaluation import check_side_files, load_federation, load_screener, pooled_test_metrics, run_extras
 
     console = console or Console()
     sites = list_sites(cfg.data_root)
     check_minimums(cfg, len(sites))
+    use_oracle = check_side_files(cfg, sites, console)  # a foreign oracle.csv is said now, not after training
     run_dir = default_run_dir(cfg, "simulate").resolve()
     # Site processes resolve data_root themselves; make it absolute so Ray's workers agree.
     cfg.data_root = str(Path(cfg.data_root).resolve())
@@ -55,9 +56,12 @@ def simulate(cfg: FedmskConfig, console: Console | None = None) -> dict:
         f"model {cfg.model.name}, {cfg.rounds} rounds x {cfg.federation.local_epochs} local epochs -> {run_dir}"
     )
 
-    def on_finish(arrays, recorder):
-        screener = load_screener(cfg, arrays.to_torch_state_dict())
-        return {"pooled_test": pooled_test_metrics(screener, cfg, load_federation(cfg, sites))}
+    def on_finish(arrays, recorder):  # extras only: a failing one is skipped and named, the run folder is written
+        def pooled() -> dict:
+            screener = load_screener(cfg, arrays.to_torch_state_dict())
+            return pooled_test_metrics(screener, cfg, load_federation(cfg, sites), oracle=use_oracle)
+
+        return run_extras({"pooled_test": pooled}, console)
 
     server_app = make_server_app(cfg, run_dir, on_progress=lambda text: console.print("  " + text), on_finish=on_finish)
     flwr_log = logging.getLogger("flwr")
