@@ -24,6 +24,7 @@ from client.local_state import site_local_params
 from client.site import SiteIdentity, resolve_site
 from client.trainer import build_screener, evaluate, make_loader, train_local
 from shared.config import FedmskConfig, from_yaml
+from shared.provenance import init_line
 from shared.messages import (
     ARRAYS,
     CONFIG,
@@ -98,6 +99,7 @@ def run_train(
             local_epochs=fed.local_epochs,
             n_train=len(datasets["train"]),
             batch_size=fed.batch_size,
+            init=init_line(cfg.model.pretrained_path, cfg.model.finetune),
         )
     # site-secret order: never derived from the seed or round the server sent (client.randomness)
     loader = make_loader(datasets["train"], fed.batch_size, shuffle=True, seed=None)

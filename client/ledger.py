@@ -72,6 +72,9 @@ class RunPlan:
     sample_rate: float
     planned_steps: int
     target_epsilon: float
+    # what the run started from (shared.provenance.init_line): random init or public weights; the
+    # private data of every step booked here are this site's training split
+    init: str = "random init"
 
 
 @dataclass

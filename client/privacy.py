@@ -243,7 +243,8 @@ class SitePrivacy:
         return after
 
     def begin_round(
-        self, run_id: str, server_round: int, *, planned_rounds: int, local_epochs: int, n_train: int, batch_size: int
+        self, run_id: str, server_round: int, *, planned_rounds: int, local_epochs: int, n_train: int, batch_size: int,
+        init: str = "random init",
     ) -> RunPlan:
         """Plan (once per run) and check the budget for this round, before any data is touched."""
         if n_train < 1:
@@ -257,7 +258,7 @@ class SitePrivacy:
             sigma = calibrate_noise(
                 self.ledger.history, sample_rate, planned, self.policy.target_epsilon, self.policy.delta, self.policy.accountant
             )
-            plan = RunPlan(sigma, sample_rate, planned, self.policy.target_epsilon)
+            plan = RunPlan(sigma, sample_rate, planned, self.policy.target_epsilon, init)
             self.ledger.plans[run_id] = plan
             self.ledger.save()
             log.info("run %s: noise multiplier %.3f for %d planned steps (sample rate %.4f)", run_id, sigma, planned, sample_rate)

@@ -41,9 +41,33 @@ class Screener(nn.Module):
         return self.net(image, clinical)
 
 
+ENCODERS = ("image", "clinical")  # the models' encoder submodules (what `fedmsk pretrain-public` trains)
+NORMS = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def apply_finetune(net: nn.Module, mode: str) -> None:
+    """Freeze what ``model.finetune`` keeps fixed: the encoders ("heads"), or all but their norm layers ("norm_heads").
+
+    With pretrained encoders, DP fine-tuning of the heads alone puts the noise on a few thousand
+    parameters instead of all of them, and a frozen encoder needs no per-sample gradients.
+    """
+    if mode == "all":
+        return
+    for name in ENCODERS:
+        encoder = getattr(net, name, None)
+        if not isinstance(encoder, nn.Module):
+            continue
+        for module in encoder.modules():
+            train = mode == "norm_heads" and isinstance(module, NORMS)
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(train)
+
+
 def build_screener(cfg) -> Screener:
     """Build the task's model + criterion from config (same call on server and sites)."""
-    return Screener(build_model(cfg), build_criterion(cfg))
+    net = build_model(cfg)
+    apply_finetune(net, cfg.model.finetune)
+    return Screener(net, build_criterion(cfg))
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int | None) -> DataLoader:

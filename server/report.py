@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord
 
 from shared.config import FedmskConfig, to_yaml
 from shared.metrics import METRIC_NAMES
+from shared.provenance import provenance
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -158,6 +159,11 @@ class RunRecorder:
             "sites": {s: {k: per_site[s][k] for k in ("train_examples", "test_examples", "epsilon")} for s in sites},
             "test_metrics_global": summary["test_global"],
             "config": "config.yaml",
+            # which data were public (the weights it started from) and which private (shared.provenance)
+            "pretrained": provenance(self.cfg.model.pretrained_path),
+            "finetune": self.cfg.model.finetune,
+            "private_data": "each site's training split (DP-SGD where the site's epsilon is set); val/test metrics "
+                            "are outside DP-SGD unless the site's policy noises them",
         }
         atomic_write_text(self.run_dir / "model_card.json", json.dumps(card, indent=2))
         atomic_write_text(self.run_dir / "summary.md", render_summary(summary))

@@ -113,6 +113,9 @@ class ModelConfig:
     aux_weight: float = 0.0
     temperature: float = 0.2
     pretrained_path: str | None = None
+    # which parameters train (client.trainer.apply_finetune): all | heads (the image/clinical encoders
+    # stay as loaded, e.g. from `fedmsk pretrain-public`) | norm_heads (heads + the encoders' norm layers)
+    finetune: str = "all"
     fusion: str = "attention"  # mmcl: attention (MM-CL's visual-clinical self-attention) | gate (ablation)
     lr: float | None = None  # the learning rate tuned for this model; federation.lr, when set, wins
 
@@ -221,6 +224,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "task.operating_point": ("youden", "sensitivity", "fixed"),
     "model.fusion": ("attention", "gate"),
     "privacy.release_noise": ("none", "laplace", "gaussian"),
+    "model.finetune": ("all", "heads", "norm_heads"),
     "federation.optimizer": ("adam", "sgd"),
 }
 _COLUMN_KINDS = ("float", "int", "category")
