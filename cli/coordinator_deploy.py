@@ -148,7 +148,7 @@ def _launch(args: argparse.Namespace) -> int:
     if not result.ok:
         if result.reason:
             console.print(f"[red]{result.reason}[/]", highlight=False, soft_wrap=True)
-        console.print(f"after fixing the cause: {resume_hint(consortium, args.overrides, result.run_dir)}",
+        console.print(f"after fixing the cause: {resume_hint(consortium, args.overrides, result.run_dir, Path(args.app) if args.app else None)}",
                       highlight=False, soft_wrap=True)
     return 0 if result.ok else 1
 

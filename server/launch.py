@@ -45,10 +45,12 @@ def default_timeout(cfg: FedmskConfig) -> float:
     return STARTUP_S + exchanges * float(cfg.strategy.round_timeout_s)
 
 
-def resume_hint(consortium: Consortium, overrides: list[str], run_dir: Path | None) -> str:
+def resume_hint(consortium: Consortium, overrides: list[str], run_dir: Path | None, app_dir: Path | None = None) -> str:
+    """The command that continues ``run_dir`` from its last checkpoint (the same overrides)."""
     kept = [o for o in overrides if not o.startswith(("run_dir=", "resume="))]
+    app = f" --app {shlex.quote(str(app_dir))}" if app_dir is not None else ""
     return (f"restart `fedmsk server --dir {consortium.root}` if it is down, then resume from the last checkpoint: "
-            f"fedmsk launch --dir {consortium.root} {' '.join(shlex.quote(o) for o in kept)} resume=true run_dir={run_dir}")
+            f"fedmsk launch --dir {consortium.root}{app} {' '.join(shlex.quote(o) for o in kept)} resume=true run_dir={run_dir}")
 
 
 def run_outcome(run_dir: Path | None) -> str | None:
@@ -199,7 +201,7 @@ def launch(
                     raise LaunchError(
                         f"the SuperLink at {watcher.address} stopped answering while run {run_id} was {status} "
                         f"({type(exc).__name__}: {str(exc)[:200]}); the run is lost on its side, its checkpoints are in "
-                        f"{run_dir}. To go on: {resume_hint(consortium, overrides, run_dir)}"
+                        f"{run_dir}. To go on: {resume_hint(consortium, overrides, run_dir, app_dir)}"
                     ) from None
             if status.startswith("finished"):
                 break
@@ -210,7 +212,7 @@ def launch(
                 except ProvisionError as exc:
                     stopped = f"could not stop it ({exc})"
                 raise LaunchError(f"run {run_id} did not finish within {timeout_s:.0f} s; {stopped}. "
-                                  f"Raise --timeout, or resume: {resume_hint(consortium, overrides, run_dir)}")
+                                  f"Raise --timeout, or resume: {resume_hint(consortium, overrides, run_dir, app_dir)}")
             time.sleep(poll_s)
     finally:
         watcher.close()
