@@ -71,10 +71,13 @@ def read_manifest(root: Path) -> tuple[dict[Path, str], list[RecordIssue]]:
     path = root / "manifest.csv"
     if not path.is_file():
         return {}, []
-    text = path.read_bytes().decode("utf-8-sig", errors="replace")
-    delimiter = ";" if text.split("\n", 1)[0].count(";") > text.split("\n", 1)[0].count(",") else ","
-    rows = list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
-    fields = {f.strip().casefold() for f in (rows[0].keys() if rows else [])}
+    try:
+        text = path.read_bytes().decode("utf-8-sig", errors="replace")
+        delimiter = ";" if text.split("\n", 1)[0].count(";") > text.split("\n", 1)[0].count(",") else ","
+        rows = list(csv.DictReader(io.StringIO(text.replace("\x00", "")), delimiter=delimiter))
+    except (OSError, csv.Error) as exc:
+        return {}, [issue("manifest_unreadable", file="manifest.csv", detail=clip(str(exc)))]
+    fields = {f.strip().casefold() for f in (rows[0].keys() if rows else []) if f}  # None: cells beyond the header
     if not {"patient_id", "path"} <= fields:
         return {}, [issue("manifest_unreadable", file=str(path), detail=f"header {sorted(fields)}")]
     mapping: dict[Path, str] = {}
@@ -170,7 +173,15 @@ class _Loader:
         return sorted(units, key=lambda u: u.order)
 
     def decode(self, unit: _Unit) -> np.ndarray:
-        """One unit -> preprocessed [1, *image_size] through the cache; DicomError on failure."""
+        """One unit -> preprocessed [1, *image_size] through the cache; DicomError on any failure."""
+        try:
+            return self._decode(unit)
+        except DicomError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- e.g. slice geometry that numpy cannot use: this unit's finding
+            raise DicomError("decode_failed", f"assembling the input: {type(exc).__name__}: {clip(str(exc))}") from None
+
+    def _decode(self, unit: _Unit) -> np.ndarray:
         if self.task.spatial_dims == 2:
             path = self.root / unit.files[0]
 
@@ -188,8 +199,8 @@ class _Loader:
         geometry = order_slices(self.headers, list(unit.files))  # header-only: cheap, never cached
 
         def compute_volume() -> np.ndarray:
-            volume = read_volume(self.root, geometry)
-            return _preprocessed(lambda: preprocess(volume, self._spacing(geometry.spacing_mm), self.task))
+            return _preprocessed(lambda: preprocess(read_volume(self.root, geometry), self._spacing(geometry.spacing_mm),
+                                                    self.task))
 
         return self.cache.array(combined_key([self.keys[f] for f in unit.files]), compute_volume)
 
