@@ -268,12 +268,16 @@ def _check_complete(ds: Dataset, p: Path, size: int, header_only: bool) -> None:
                                               f"is no DICOM element (it declares {end - size} bytes beyond the file's end)", p)
         raise DicomError("truncated", f"the file ends at byte {size}, inside {tag} {keyword_for_tag(tag) or ''}"
                                       f" which needs {end - size} more byte(s)", p)
-    if not header_only and 0 < size - end < 12:  # a cut element header: too short to be another element
+    if end >= size:
+        return
+    with p.open("rb") as fh:
+        fh.seek(end)
+        nxt = fh.read(12)
+    if not nxt.strip(b"\x00"):
+        return  # zero padding after the last element: some writers pad the file
+    if not header_only and size - end < 12:  # a cut element header: too short to be another element
         raise DicomError("truncated", f"the file ends {size - end} byte(s) into an element header after byte {end}", p)
-    if header_only and end < size:
-        with p.open("rb") as fh:
-            fh.seek(end)
-            nxt = fh.read(4)
+    if header_only:
         little = ds.original_encoding[1] if ds.original_encoding[1] is not None else True
         if len(nxt) < 4:
             raise DicomError("truncated", f"the file ends {size - end} byte(s) into an element header after byte {end}", p)
