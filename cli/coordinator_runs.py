@@ -33,6 +33,9 @@ VERBS = [Verb("export", "write a finished run's model as safetensors + ONNX with
 def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run folder (finished, or still running: the rounds so far)")
     p.add_argument("--out", help="where to write (default: <run_dir>/report/)")
+    p.add_argument("--compare", action="append", default=[], metavar="OTHER_RUN",
+                   help="simulation only: DeLong's test against another run on the same test patients (repeatable; "
+                        "a `fedmsk central` run gives federated vs pooled)")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -41,8 +44,13 @@ def _report(args: argparse.Namespace) -> int:
     from server.html_report import write_report
 
     try:
-        page = write_report(args.run_dir, args.out)
-    except FileNotFoundError as exc:
+        comparisons = []
+        if args.compare:
+            from simulation.compare import compare_runs
+
+            comparisons = [compare_runs(args.run_dir, other) for other in args.compare]
+        page = write_report(args.run_dir, args.out, comparisons)
+    except (FileNotFoundError, ValueError) as exc:
         Console(stderr=True).print(f"[bold red]cannot report:[/] {exc}", highlight=False)
         return 2
     Console().print(f"report: {page} (and report.md, plots beside it; opens offline)", highlight=False)

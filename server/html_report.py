@@ -10,7 +10,8 @@ from what the sites sent: ``metrics.jsonl``, ``events.jsonl``, ``summary.json``,
   A run without histograms (multi-class, older runs) shows each site's operating point only.
 * validation AUC and loss per round per site, training loss, epsilon per site per round;
 * data sizes, the seed paper's table (AUC, ACC, F1, SEN, SPC, PRE) per site and pooled;
-* events (refusals, rejected updates, dropouts, exclusions) on a round/site timeline and listed.
+* events (refusals, rejected updates, dropouts, exclusions) on a round/site timeline and listed;
+* with ``--compare`` (simulation only), DeLong's test against other runs on the same test patients.
 """
 
 from __future__ import annotations
@@ -300,8 +301,21 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``index.html``, ``report.md`` and the plots; returns the HTML path."""
+def compare_rows(comparisons: list[dict[str, Any]]) -> list[list[str]]:
+    return [[Path(c["other"]).name, f"{c['other_model']} / {c['other_strategy']}", _f(c["n"], count=True), _f(c["auc"]),
+             _f(c["auc_other"]), f"{c['diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]", f"{c['p']:.3g}"]
+            for c in comparisons]
+
+
+COMPARE_HEADER = ["other run", "model / strategy", "test patients", "AUC this run", "AUC other", "difference [95% CI]",
+                  "DeLong p"]
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, comparisons: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``index.html``, ``report.md`` and the plots; returns the HTML path.
+
+    ``comparisons``: rows from ``simulation.compare.compare_runs`` (simulation only).
+    """
     data = load_run_data(run_dir)
     out_dir = Path(out) if out else data.run_dir / REPORT_DIRNAME
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,6 +358,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     parts.append("<p class='note'>AUC, ACC (accuracy), F1, SEN (sensitivity), SPC (specificity), PRE (precision), as the "
                  "MM-CL paper reports them. The pooled row is computed at the server from what the sites sent "
                  "(confusion counts and score histograms), never from per-patient scores.</p>")
+    if comparisons:
+        parts.append("<h2>Compared with other runs (same test patients, DeLong's test)</h2>"
+                     + _table(COMPARE_HEADER, compare_rows(comparisons))
+                     + "<p class='note'>Both final models scored on all sites' test patients pooled on the researcher's "
+                       "machine (simulation only: per-patient scores never leave a real site).</p>")
     parts.append("<h2>Plots</h2><div class='grid'>" + "".join(
         f"<figure><img src='{html.escape(f)}' alt='{html.escape(c)}'><figcaption>{html.escape(c)}</figcaption></figure>"
         for f, c in figures) + "</div>")
@@ -360,7 +379,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     md = [f"# {title}", ""] + [f"{f}  " for f in facts if f] + [""]
     if stopped:
         md += [f"**Run stopped:** {stopped}", ""]
-    md += [f"## Screening metrics ({where})", "", _md_table(paper_h, paper), "", "## Plots", ""]
+    md += [f"## Screening metrics ({where})", "", _md_table(paper_h, paper), ""]
+    if comparisons:
+        md += ["## Compared with other runs (same test patients, DeLong's test)", "",
+               _md_table(COMPARE_HEADER, compare_rows(comparisons)), ""]
+    md += ["## Plots", ""]
     md += [f"![{c}]({f})\n\n{c}\n" for f, c in figures]
     md += ["## Data per site", "", _md_table(sizes_h, sizes_table(data)), ""]
     if eps:

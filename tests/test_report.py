@@ -119,3 +119,40 @@ def test_histogram_roc_auc_is_the_exact_auc_of_the_binned_scores():
 def test_report_of_a_folder_without_metrics_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_compare_runs_on_the_same_test_patients_with_delong(tmp_path, capsys):
+    import torch
+
+    from simulation.synth import write_federation
+
+    root = tmp_path / "sites"
+    base = ["model=logreg", "num_sites=2", "synth.patients_per_site=[40,36]", "synth.image_size=64",
+            "task.image_size=[32,32]", f"data_root={root}"]
+    write_federation(compose(base))
+    runs = []
+    for name, scale, extra in (("fed", 1.0, []), ("central", -0.2, []), ("other_split", 1.0, ["seed=7"])):
+        run_dir = tmp_path / name
+        cfg = compose(base + extra + [f"run_dir={run_dir}"])
+        from client.trainer import build_screener
+
+        screener = build_screener(cfg)
+        with torch.no_grad():  # a model that ranks by age (column 0) against one that barely does
+            screener.net.linear.weight.zero_()
+            screener.net.linear.weight[1, 0] = scale
+        rec = RunRecorder(run_dir, cfg)
+        rec.metrics(1, "evaluate", "site_a", _eval_row(np.random.default_rng(0), 20), split="test")
+        rec.finish(ArrayRecord(screener.state_dict()))
+        runs.append(run_dir)
+    assert main(["report", str(runs[0]), "--compare", str(runs[1])]) == 0
+    parser = _Refs()
+    parser.feed((runs[0] / "report" / "index.html").read_text())
+    text = " ".join(parser.text)
+    assert "DeLong" in text and "central" in text
+    from simulation.compare import compare_runs
+
+    row = compare_runs(runs[0], runs[1])
+    assert row["n"] > 10 and 0 <= row["p"] <= 1 and row["ci_low"] <= row["diff"] <= row["ci_high"]
+    assert row["auc"] != row["auc_other"]
+    assert main(["report", str(runs[0]), "--compare", str(runs[2])]) == 2  # another seed: other test patients
+    assert "same patients" in capsys.readouterr().err
