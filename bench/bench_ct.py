@@ -14,7 +14,7 @@ the pooled test macro-F1, per-grade F1 and the screening output P(grade >= 1) wi
 beside (bench/results/bench_ct_quality.json).
 
     python bench/bench_ct.py [--patients 40] [--steps 10] [overrides ...]
-    python bench/bench_ct.py --quality [--patients 60] [--seeds 0 1] [overrides ...]
+    python bench/bench_ct.py --quality [--patients 60] [--seeds 0,1] [overrides ...]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import platform
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -121,6 +122,7 @@ def quality(args: argparse.Namespace) -> None:
     from server.federation import run_federation
     from simulation.central import central
     from simulation.evaluation import load_federation, load_screener, pooled_test_metrics
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ helpers live beside bench/
     from tests.inprocess_grid import InProcessGrid  # the real ClientApp, in this process (no Ray start-up)
 
     os.environ.setdefault("FEDMSK_INSECURE_DP_SEED", "bench-ct")  # repeatable site randomness: a benchmark
@@ -165,7 +167,7 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=40)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quality", action="store_true", help="the results table instead of the throughput figures")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1], help="e.g. 0,1")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.quality:

@@ -34,7 +34,7 @@ def pool_site_metrics(rows: list[dict[str, float]], weight_key: str = NUM_EXAMPL
         pairs = [(float(row[key]), w) for row, w in zip(rows, n) if not math.isnan(float(row[key]))]
         total = sum(w for _, w in pairs)
         out[key] = sum(v * w for v, w in pairs) / total if total else math.nan
-    out.update(pool_grading(rows, weight_key))  # grade tasks: macro averages from the summed confusion matrix
+    out.update(pool_grading(rows))  # grade tasks: macro averages from the summed confusion matrix
     return out
 
 

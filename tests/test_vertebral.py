@@ -4,6 +4,7 @@ and DP decoupling of the 3D model's auxiliary losses."""
 from __future__ import annotations
 
 import csv
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -156,6 +157,7 @@ def test_pooled_grading_from_site_counts_equals_metrics_on_pooled_predictions():
     everything = classification_metrics(np.concatenate([y for y, _ in sites]), np.concatenate([p for _, p in sites]))
     for key in ["f1", "acc", "sen", "spc", "pre", "screen_sen", "screen_spc"] + [f"f1_class{k}" for k in range(4)]:
         assert pooled[key] == pytest.approx(everything[key]), key
+    assert abs(pooled["screen_auc"] - everything["screen_auc"]) < 0.01  # from the summed screening histograms
     binary = np.array([0, 1] * 15)
     assert pool_grading([classification_metrics(binary, np.eye(2)[binary] * 0.8 + 0.1)]) == {}  # a binary task: nothing added
 
@@ -167,7 +169,8 @@ def test_every_site_sends_the_same_whitelisted_keys_even_without_a_grade():
     b = classification_metrics(labels[keep], probs[keep]) | {"num-examples": int(keep.sum()), "loss": 1.0}
     assert set(a) == set(b) and set(a) <= EVAL_METRIC_KEYS and grading_metric_keys() <= EVAL_METRIC_KEYS
     site_reply(site_name="s", metrics=b, allowed=EVAL_METRIC_KEYS)  # not refused
-    assert is_count_key("cm_31") and is_count_key("screen_fn") and not is_count_key("f1_class3")
+    assert is_count_key("cm_31") and is_count_key("screen_fn") and is_count_key("screen_hist_pos_07")
+    assert not is_count_key("f1_class3") and not is_count_key("screen_auc")
 
 
 # ---------------------------------------------------------------------------- DP
@@ -192,3 +195,27 @@ def test_3d_model_under_dp_gets_the_per_sample_contrast_and_it_decouples_patient
         compose(CT + ["privacy=eps8", "model.aux_loss=supcon"])
     assert _replaced_patient_effect("prototype").max() < 1e-5
     assert _replaced_patient_effect("supcon").max() > 1e-3  # the check catches the in-batch loss
+
+
+def test_a_released_grade_table_noises_every_count_and_derives_the_rest_from_them(tmp_path):
+    """Under a site's release policy no grading metric leaves unnoised: cells, screening counts and
+    histograms are noised, per-grade F1 / macro averages / screening SEN-SPC follow from them."""
+    from client.ledger import PrivacyLedger
+    from client.release import release_counts
+    from shared.config import PrivacyConfig
+    from shared.grading import from_confusion
+
+    labels, probs = _predictions(60, 7)
+    exact = classification_metrics(labels, probs) | {"num-examples": 60, "loss": 1.0}
+    policy = PrivacyConfig(release_noise="laplace", release_epsilon=1.0, release_budget=10.0)
+    noisy = release_counts(exact, policy, PrivacyLedger.load(tmp_path), run_id="r", rnd=1, split="val", n_classes=4)
+    assert set(noisy) == set(exact)
+    counts = [k for k in exact if is_count_key(k)]
+    assert all(noisy[k] != exact[k] for k in counts if exact[k] > 0)  # (a noised empty cell may clamp back to 0)
+    cm = np.array([[noisy[f"cm_{t}{p}"] for p in range(4)] for t in range(4)])
+    for key, value in from_confusion(cm).items():
+        assert noisy[key] == pytest.approx(value), key
+    tp, fn = noisy["screen_tp"], noisy["screen_fn"]
+    assert noisy["screen_sen"] == pytest.approx(tp / (tp + fn))
+    assert math.isnan(noisy["auc"]) and math.isnan(noisy["screen_auc"])  # score-based: withheld at the site
+    assert 0.0 <= pool_grading([noisy])["screen_auc"] <= 1.0  # the server estimates it from the noised histograms
