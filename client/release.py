@@ -9,9 +9,9 @@ query under its own budget instead:
   names as a count) gets noise calibrated to one patient's effect: adding or removing one
   patient moves one cell of the confusion table by 1 (binary; C cells for C > 2 classes, whose
   counts are summed one-vs-rest) and one bin of each histogram by 1;
-* the metrics derived from counts (ACC, SEN, SPC, PRE, F1, num-examples) are recomputed from the
-  noised counts (post-processing costs nothing); AUC and loss come from per-patient scores, so
-  they are not released (NaN), unless a noised score histogram lets the server estimate them;
+* the metrics derived from counts (ACC, SEN, SPC, PRE, F1, num-examples, and AUC from the score
+  histograms) are recomputed from the noised counts (post-processing costs nothing); every other
+  value (loss, anything computed from per-patient scores) is withheld (NaN);
 * the cost is booked in the site's ledger per split (val and test are disjoint patients, so
   each split composes only with itself: Laplace releases add up, Gaussian ones compose under
   Opacus' RDP accountant), and a split whose budget (``release_budget``) would be exceeded is
@@ -35,9 +35,9 @@ from client.randomness import site_seed
 from shared.config import PrivacyConfig
 from shared.grading import pool_grading
 from shared.messages import CONFUSION_KEYS, NUM_EXAMPLES, is_count_key
-from shared.metrics import counts_metrics
+from shared.metrics import HIST_KEYS, counts_metrics, histogram_auc, histograms_of
 
-NOT_RELEASED = ("auc", "loss", "screen_auc")  # computed from per-patient scores: no count-query sensitivity
+NOT_RELEASED = ("loss", "screen_auc")  # from per-patient scores, never recomputable from the released counts
 
 
 class ReleaseRefused(RuntimeError):
@@ -48,15 +48,19 @@ def count_groups(keys: list[str], n_classes: int) -> dict[str, tuple[list[str], 
     """Count keys grouped by what one patient can move: {group: (keys, L1 sensitivity)}.
 
     Confusion counts are one group (sensitivity 1, or C summed one-vs-rest tables for C > 2
-    classes); each histogram (its keys without the trailing bin index) is one group of
-    sensitivity 1: a patient falls in one bin.
+    classes); the negative and positive score histograms together are one group of sensitivity 1
+    (a patient falls in one bin of one of them); any other count family (its keys without the
+    trailing digits, e.g. a grade confusion matrix ``cm_<t><p>``) is one group of sensitivity 1.
     """
     groups: dict[str, tuple[list[str], int]] = {}
     confusion = [k for k in keys if k in CONFUSION_KEYS]
     if confusion:
         groups["confusion"] = (confusion, 1 if n_classes == 2 else n_classes)
+    hist = [k for k in keys if k in HIST_KEYS]
+    if hist:
+        groups["histogram"] = (hist, 1)
     for key in keys:
-        if key in CONFUSION_KEYS or not is_count_key(key):
+        if key in CONFUSION_KEYS or key in HIST_KEYS or key == NUM_EXAMPLES or not is_count_key(key):
             continue
         family = re.sub(r"[_-]?\d+$", "", key)
         members, sens = groups.get(family, ([], 1))
@@ -100,20 +104,19 @@ def release_counts(
             f"release budget spent: one more {split} release would take the {split} patients to epsilon {total:.2f}, "
             f"past the site's release_budget {policy.release_budget:g}; the site declines to report {split} metrics"
         )
-    out = {k: float(v) for k, v in metrics.items()}
+    # every value that is neither a noised count nor recomputed from noised counts is withheld (NaN)
+    out = {k: math.nan for k in metrics}
     for keys, _ in groups.values():
         for key in keys:
-            out[key] = max(0.0, out[key] + draw())  # clamping is post-processing
+            out[key] = max(0.0, float(metrics[key]) + draw())  # clamping is post-processing
     if all(k in out for k in CONFUSION_KEYS):
         tp, fp, tn, fn = (out[k] for k in ("tp", "fp", "tn", "fn"))
-        if n_classes == 2:
-            out.update(counts_metrics(tp, fp, tn, fn))
-            out[NUM_EXAMPLES] = tp + fp + tn + fn
-        else:
-            out[NUM_EXAMPLES] = (tp + fp + tn + fn) / n_classes
-            for key in ("acc", "sen", "spc", "pre", "f1"):
-                out[key] = math.nan  # macro averages need the per-class tables, which are not released
+        out[NUM_EXAMPLES] = (tp + fp + tn + fn) / (1 if n_classes == 2 else n_classes)
+        if n_classes == 2:  # macro averages (C > 2) need the per-class tables: pool_grading below
+            out.update({k: v for k, v in counts_metrics(tp, fp, tn, fn).items() if k in metrics})
     out.update(pool_grading([out]))  # grade tasks: per-class F1, macro averages, screening SEN/SPC from the noised cells
+    if "auc" in metrics and all(k in out for k in HIST_KEYS):
+        out["auc"] = histogram_auc(*histograms_of(out))
     for key in NOT_RELEASED:
         if key in out:
             out[key] = math.nan

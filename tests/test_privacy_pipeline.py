@@ -17,6 +17,7 @@ from client.randomness import INSECURE_SEED_ENV
 from client.trainer import build_screener, make_loader
 from shared.config import PrivacyConfig, compose, to_yaml
 from shared.messages import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS, site_reply
+from shared.metrics import histogram_auc, histograms_of
 from shared.sitedata import SiteData, make_datasets
 from simulation.synth import write_federation
 from tests.test_privacy import Patients, small_cfg
@@ -189,7 +190,10 @@ def test_released_counts_are_noised_and_booked(root, tmp_path, mechanism: str, b
         assert set(noisy) == set(exact) and set(noisy) <= EVAL_METRIC_KEYS
         assert any(noisy[k] != exact[k] for k in ("tp", "fp", "tn", "fn"))
         assert all(noisy[k] != int(noisy[k]) or noisy[k] == 0 for k in ("tp", "fp", "tn", "fn"))  # noised, not rounded
-        assert math.isnan(noisy["auc"]) and math.isnan(noisy["loss"])  # per-patient scores: not released
+        assert math.isnan(noisy["loss"])  # a mean over per-patient scores: not released
+        hist = [k for k in noisy if k.startswith("hist_")]
+        assert hist and any(noisy[k] != exact[k] for k in hist)  # the score histograms are noised too
+        assert noisy["auc"] == pytest.approx(histogram_auc(*histograms_of(noisy)))  # AUC only from them
         assert noisy["num-examples"] == pytest.approx(sum(noisy[k] for k in ("tp", "fp", "tn", "fn")))
     ledger = PrivacyLedger.load(tmp_path / "sites" / "site_a")
     assert [(r.split, r.mechanism) for r in ledger.releases] == [("val", mechanism)] * 2
