@@ -169,8 +169,8 @@ def header_meta(ds: Dataset) -> dict[str, Any]:
         "spacing_mm": list(sp) if (sp := _pixel_spacing(ds)) else None,
         "series_uid": text("SeriesInstanceUID"),
         "series_description": text("SeriesDescription"),
-        "series_number": integer("SeriesNumber"),
-        "instance_number": integer("InstanceNumber"),
+        "series_number": _lenient(lambda: integer("SeriesNumber")),  # ordering only: a bad one is not a reason
+        "instance_number": _lenient(lambda: integer("InstanceNumber")),
         "position": element(ds, "ImagePositionPatient", _floats),
         "orientation": element(ds, "ImageOrientationPatient", _floats),
         "note": getattr(ds, "fedmsk_note", ""),  # read without a meta header: said in the report
@@ -178,6 +178,13 @@ def header_meta(ds: Dataset) -> dict[str, Any]:
 
 
 _DEFER = "256 KB"  # values this large (pixel data) stay on disk until decoded
+
+def _lenient(read: Callable[[], int]) -> int:
+    try:
+        return read()
+    except DicomError:
+        return 0
+
 
 # elements the display pipeline converts: checked up front so a bad one is named, not a ValueError
 _PIXEL_KEYWORDS = (
