@@ -217,3 +217,23 @@ def test_the_policys_dp_training_settings_drive_the_private_round(root, tmp_path
     per_epoch = math.ceil(metrics["num-examples"] / 4)  # batches of 4, not the run's 16
     assert plan.sample_rate == pytest.approx(1 / per_epoch)
     assert metrics["steps"] == 2 * per_epoch  # two local epochs, not the run's one
+
+
+# ---------------------------------------------------------------------------- ghost clipping's per-sample losses
+@pytest.mark.parametrize("aux", ["prototype", "infonce_bank", "views"])
+def test_ghost_criterion_gives_each_patients_own_loss(aux: str) -> None:
+    """Opacus' ghost clipping reweights per-sample losses: ours must average to the batch loss we train on."""
+    from client.privacy import GhostCriterion
+
+    screener = build_screener(small_cfg(aux))
+    data = Patients(6, 5)
+    torch.manual_seed(0)
+    outputs = screener(data.image, data.clinical)
+    ghost = GhostCriterion(screener.criterion)
+    batch = ghost(outputs, data.label)
+    ghost.reduction = "none"
+    per_sample = ghost(outputs, data.label)
+    assert per_sample.shape == (6,)
+    assert per_sample.mean().item() == pytest.approx(batch.item(), rel=1e-5)
+    alone = screener.criterion({k: v[2:3] for k, v in outputs.items() if torch.is_tensor(v)}, data.label[2:3])[0]
+    assert per_sample[2].item() == pytest.approx(alone.item(), rel=1e-5)
