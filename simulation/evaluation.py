@@ -70,12 +70,16 @@ def check_side_files(cfg: FedmskConfig, sites: list[Path], console: Console) -> 
     A file that is not fedmsk's (a research group's own oracle.csv) is said now, and the run goes
     on without what it would have added.
     """
+    from shared.clinical import read_table
     from simulation.oracle import oracle_problem
 
-    problem = oracle_problem(cfg.data_root, [s.name for s in sites])
+    if not (Path(cfg.data_root) / "oracle.csv").is_file():
+        return False
+    patients = [(s.name, pid) for s in sites for pid in read_table(s / "clinical.csv", cfg.task).rows]  # no images read
+    problem = oracle_problem(cfg.data_root, patients)
     if problem:
         console.print(f"[yellow]oracle.csv not used[/]: {problem}; the run goes on without the oracle AUC", highlight=False)
-    return problem is None and (Path(cfg.data_root) / "oracle.csv").is_file()
+    return problem is None
 
 
 def run_extras(extras: dict[str, Callable[[], Any]], console: Console) -> dict[str, Any]:

@@ -50,8 +50,8 @@ def read_oracle(data_root: str | Path) -> dict[OracleKey, tuple[float, int]]:
         raise OracleError(f"{path} is not a readable CSV ({exc})") from None
 
 
-def oracle_problem(data_root: str | Path, sites: Iterable[str]) -> str | None:
-    """Why ``<data_root>/oracle.csv`` cannot give the oracle AUC for these site folders, or None when it can.
+def oracle_problem(data_root: str | Path, patients: Iterable[OracleKey]) -> str | None:
+    """Why ``<data_root>/oracle.csv`` cannot give the oracle AUC for these patients, or None when it can.
 
     Checked when a run starts, so that a researcher's own file of that name costs the oracle column
     (said at once), never the finished run. An absent file is not a problem: real data has no oracle.
@@ -62,9 +62,10 @@ def oracle_problem(data_root: str | Path, sites: Iterable[str]) -> str | None:
         oracle = read_oracle(data_root)
     except OracleError as exc:
         return str(exc)
-    uncovered = sorted(set(sites) - {site for site, _ in oracle})
-    if uncovered:
-        return f"{Path(data_root) / ORACLE_FILE} has no patients of site(s) {uncovered}: it belongs to another federation"
+    unknown = sorted(set(patients) - set(oracle))
+    if unknown:
+        return (f"{Path(data_root) / ORACLE_FILE} does not know {len(unknown)} of the sites' patients "
+                f"(e.g. {unknown[0]}): it belongs to another federation")
     return None
 
 

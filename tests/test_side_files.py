@@ -56,3 +56,19 @@ def test_a_failing_extra_is_skipped_and_named_the_run_folder_is_written(federati
         assert (tmp_path / "run" / name).is_file(), name
     assert summary["skipped"] == {"pooled_test": "KeyError: 'latent_score'"}
     assert "skipped pooled_test: KeyError: 'latent_score'" in out
+
+
+def test_an_oracle_of_another_federation_is_refused_at_start(federation, tmp_path):
+    from rich.console import Console
+
+    from client.site import list_sites
+    from simulation.evaluation import check_side_files
+
+    cfg = compose([*SMALL, f"data_root={federation}"])
+    write_federation(compose([*SMALL, f"data_root={tmp_path}", "seed=5", "synth.patients_per_site=[10,10]"]))
+    (federation / "oracle.csv").write_bytes((tmp_path / "oracle.csv").read_bytes())  # same columns, other patients
+    console = Console(record=True, width=200)
+    assert not check_side_files(cfg, list_sites(federation), console)
+    assert "belongs to another federation" in console.export_text()
+    write_federation(compose([*SMALL, f"data_root={federation}"]))  # its own oracle back: used
+    assert check_side_files(cfg, list_sites(federation), Console(file=None))
