@@ -104,16 +104,22 @@ def test_a_warm_load_decodes_nothing_and_a_new_window_recomputes(tmp_path, monke
     sites = [tmp_path / "fed" / s for s in ("site_a", "site_c")]  # slice files, enhanced files
     cold = [load_site(s, cfg.task) for s in sites]
 
-    def no_decoding(*args, **kwargs):
-        raise AssertionError("a warm load decoded a series")
+    calls: list[str] = []
 
-    monkeypatch.setattr(volume, "hu_slices", no_decoding)
-    monkeypatch.setattr(volume, "read_enhanced", no_decoding)
-    monkeypatch.setattr(enhanced_ct, "read_enhanced", no_decoding)
+    def counted(real):
+        def decode(*args, **kwargs):
+            calls.append(real.__name__)
+            return real(*args, **kwargs)
+        return decode
+
+    monkeypatch.setattr(volume, "hu_slices", counted(volume.hu_slices))
+    monkeypatch.setattr(volume, "read_enhanced", counted(enhanced_ct.read_enhanced))
     for site, before in zip(sites, cold):
         warm = load_site(site, cfg.task)
         assert len(warm.labels) == len(before.labels) == 7  # 10 minus age 150, no series, gap
         np.testing.assert_array_equal(warm.images, before.images)
+    assert calls == []  # every volume came from the cache
     cfg.task.hu_window = [-200.0, 1000.0]
-    with pytest.raises(AssertionError, match="decoded"):
-        load_site(sites[0], cfg.task)
+    changed = load_site(sites[1], cfg.task)
+    assert calls.count("read_enhanced") == 8  # a new window is a new cache key: every series decoded again
+    assert not np.array_equal(changed.images, cold[1].images)
