@@ -10,7 +10,7 @@ bench/results/strategies.json.
 The sites run the real ClientApp through the in-process grid the round-loop tests use (no Ray:
 Flower's simulation start-up would dominate many small runs).
 
-    python bench/bench_strategies.py [--mixes 2] [--seeds 2] [--scale 10] [overrides ...]
+    python bench/bench_strategies.py [--mixes 2] [--seeds 2] [--scale 10] [--robust-only] [--only a,b] [overrides ...]
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--scale", type=float, default=10.0)
     ap.add_argument("--out", default="runs/bench-strategies")
+    ap.add_argument("--robust-only", action="store_true", help="skip fedprox/fedadam/fedyogi/fedbn (no attack)")
+    ap.add_argument("--only", default="", help="comma-separated strategies to run (default: all)")
+    ap.add_argument("--json", default="strategies.json", help="file name under bench/results/")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     out = Path(args.out).resolve()
@@ -83,7 +86,8 @@ def main() -> None:
         for seed in range(args.seeds):
             base = base_overrides + [f"data_root={root}", f"seed={seed}"]
             plan = [(n, e, None) for n, e in ROBUST.items()] + [(n, e, args.scale) for n, e in ROBUST.items()]
-            plan += [(n, e, None) for n, e in OTHERS.items()]
+            plan += [] if args.robust_only else [(n, e, None) for n, e in OTHERS.items()]
+            plan = [p for p in plan if not args.only or p[0] in args.only.split(",")]
             for name, extra, attack in plan:
                 tag = f"{name}-{'attack' if attack else 'clean'}-mix{mix}-seed{seed}"
                 r = one_run(base, name, extra, out / "runs" / tag, attack)
@@ -100,7 +104,7 @@ def main() -> None:
         print(f"| {name} | {'yes' if attack else 'no'} | {statistics.mean(aucs):.3f} | {sd:.3f} | {len(aucs)} |")
         summary.append({"strategy": name, "attack": attack, "auc_mean": statistics.mean(aucs), "auc_sd": sd, "n": len(aucs)})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "strategies.json").write_text(json.dumps({"config": base_overrides, "scale": args.scale,
+    (RESULTS / args.json).write_text(json.dumps({"config": base_overrides, "scale": args.scale,
                                                          "summary": summary, "runs": results}, indent=2))
 
 

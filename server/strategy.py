@@ -188,6 +188,9 @@ def check_strategy(cfg: FedmskConfig) -> None:
             f"config 'strategy.num_malicious' is {s.num_malicious}: Krum tolerates f byzantine sites only among "
             f"at least 2f+3 = {2 * s.num_malicious + 3}; raise strategy.min_train_nodes or lower num_malicious"
         )
+    if cfg.federation.secure_aggregation and s.name != "fedavg":
+        raise ConfigError(f"config 'strategy.name' is '{s.name}' but federation.secure_aggregation runs Flower's legacy "
+                          f"SecAgg+ workflow, which only sums updates (FedAvg); use strategy=fedavg with it")
     if s.name == "fedbn" and not s.local_params:
         raise ConfigError("strategy 'fedbn' needs 'strategy.local_params' (e.g. ['@norm']) to name what stays at the sites")
     if s.local_params:

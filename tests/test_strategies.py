@@ -65,8 +65,7 @@ def _toy_loader(n=64, d=5, seed=0):
     return torch.utils.data.DataLoader(items, batch_size=16, shuffle=False)
 
 
-@pytest.mark.parametrize("mu", [1.0, 10.0])
-def test_fedprox_term_pulls_the_site_model_toward_the_global_weights(mu):
+def test_fedprox_term_pulls_the_site_model_toward_the_global_weights(mu=1.0):
     cfg = compose(["model=clinical_only", "federation.local_epochs=5", "federation.lr=0.05", "model.dropout=0"])
     moved = {}
     for m in (0.0, mu):
@@ -293,3 +292,9 @@ def test_tensorboard_tags_leave_out_histogram_bins_and_undefined_values():
     row = {"round": 2, "phase": "evaluate", "split": "val", "site": "site_a", "time": 1.0,
            "auc": 0.8, "loss": float("nan"), "pre": None, "hist_neg_00": 3.0, "hist_pos_00": 1.0}
     assert scalar_tags(row) == {"val/auc": 0.8}
+
+
+def test_strategies_secure_aggregation_cannot_run_are_refused_at_start():
+    with pytest.raises(ConfigError, match="SecAgg"):
+        compose(["strategy=fedmedian", "federation.secure_aggregation=true"])
+    compose(["strategy=fedavg", "federation.secure_aggregation=true"])  # the one it runs
