@@ -18,7 +18,7 @@ Prints tables and writes bench/results/bench_dp.json.
 
     python bench/bench_dp.py --steps 30
     python bench/bench_dp.py --sweep
-    python bench/bench_dp.py --grid [--models mmcl,logreg] [--epsilons none,8,1] [--inits random,public] [--seeds 0,1,2]
+    python bench/bench_dp.py --grid [--cells mmcl:random,mmcl:public] [--epsilons none,8,1] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -193,23 +193,22 @@ def pretrain(out: Path, model: str) -> Path:
     return weights
 
 
-def grid(out: Path, models: list[str], epsilons: list[float | None], inits: list[str], seeds: list[int],
+def grid(out: Path, pairs: list[tuple[str, str]], epsilons: list[float | None], seeds: list[int],
          path: Path, report: dict, console: Console) -> list[dict]:
-    """Every cell once, appended to the JSON as it finishes (a partial grid is still a result)."""
+    """Every cell once, (model, init) pairs in the order given, all seeds of a setting together;
+    each cell is appended to the JSON as it finishes (a partial grid is still a result)."""
     cells = report.setdefault("grid", {"federation": FEDERATION, "cells": []})["cells"]
     done = {(c["model"], c["epsilon"], c["init"], c["seed"]) for c in cells}
-    for seed in seeds:
-        sites = write_sites(out, seed)
-        for model in models:
-            for init in inits:
-                extra = [] if init == "random" else [f"model.pretrained_path={pretrain(out, model)}"]
-                for eps in epsilons:
-                    if (model, eps, init, seed) in done:
-                        continue
-                    res = run_federated(sites, out / "cell", [f"model={model}", f"seed={seed}", *PRESETS[eps], *extra])
-                    cells.append({"model": model, "epsilon": eps, "init": init, "seed": seed, **res})
-                    path.write_text(json.dumps(report, indent=1))
-                    console.print(f"  {model} eps {eps} {init} seed {seed}: AUC {res['test_auc']:.3f} ({res['seconds']:.0f} s)")
+    for model, init in pairs:
+        extra = [] if init == "random" else [f"model.pretrained_path={pretrain(out, model)}"]
+        for eps in epsilons:
+            for seed in seeds:
+                if (model, eps, init, seed) in done:
+                    continue
+                res = run_federated(write_sites(out, seed), out / "cell", [f"model={model}", f"seed={seed}", *PRESETS[eps], *extra])
+                cells.append({"model": model, "epsilon": eps, "init": init, "seed": seed, **res})
+                path.write_text(json.dumps(report, indent=1))
+                console.print(f"  {model} eps {eps} {init} seed {seed}: AUC {res['test_auc']:.3f} ({res['seconds']:.0f} s)")
     return cells
 
 
@@ -244,9 +243,9 @@ def main() -> None:
     ap.add_argument("--sweep-epsilons", default="1,8")
     ap.add_argument("--out", default="runs/bench-dp")
     ap.add_argument("--grid", action="store_true")
-    ap.add_argument("--models", default="mmcl,image_only,clinical_only,logreg")
+    ap.add_argument("--cells", default="mmcl:random,image_only:random,clinical_only:random,logreg:random,"
+                    "mmcl:public,image_only:public,clinical_only:public,logreg:public", help="model:init pairs, in order")
     ap.add_argument("--epsilons", default="none,8,4,1")
-    ap.add_argument("--inits", default="random,public")
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -277,8 +276,8 @@ def main() -> None:
         report["sweep"] = {"federation": FEDERATION, "synth_seed": 100, "rows": rows}
     if args.grid:
         eps = [None if e == "none" else float(e) for e in args.epsilons.split(",")]
-        cells = grid(out, args.models.split(","), eps, args.inits.split(","), [int(x) for x in args.seeds.split(",")],
-                     path, report, console)
+        pairs = [tuple(c.split(":")) for c in args.cells.split(",")]
+        cells = grid(out, pairs, eps, [int(x) for x in args.seeds.split(",")], path, report, console)
         ratio = report.get("step_time", {}).get("rows", {}).get("hooks", {}).get("ratio")
         report["grid"]["table"] = grid_table(cells, ratio)
         console.print(report["grid"]["table"])
