@@ -8,16 +8,20 @@ and the federated AUC grid {model} x {no DP, eps 8, 4, 1} x {random init, public
 2. ``--sweep``: the DP training settings (optimizer, lr, batch size) of configs/privacy/eps*.yaml
    are chosen here, under DP, on a synthetic *tuning* federation (synth seed 100) that none of the
    grid's federations (seeds 0, 1, 2) shares: never on a hospital's data.
-3. ``--grid``: each cell is one federation run in process (the real ClientApp and round loop,
+3. ``--audit``: the empirical privacy audit of the test suite (simulation.audit) with 1000
+   canaries, at epsilon 1, 4, 8 and without DP, 3 seeds each.
+4. ``--grid``: each cell is one federation run in process (the real ClientApp and round loop,
    without Ray), 5 synthetic sites of 50-110 training patients, on a fresh copy of the sites so no
    privacy ledger carries over; test AUC on all sites' test patients pooled, oracle AUC beside.
    "public" cells start from encoders pretrained by `fedmsk pretrain-public` on 5 other
    synthetic hospitals (synth seed 50), the data the consortium treats as public.
 
-Prints tables and writes bench/results/bench_dp.json.
+Prints tables and writes bench/results/bench_dp.json (each part under its own key; a later run of one
+part keeps the others).
 
     python bench/bench_dp.py --steps 30
     python bench/bench_dp.py --sweep
+    python bench/bench_dp.py --audit
     python bench/bench_dp.py --grid [--cells mmcl:random,mmcl:public] [--epsilons none,8,1] [--seeds 0,1,2]
 """
 
@@ -63,7 +67,7 @@ def _make_step(mode: str, cfg, batch: dict[str, torch.Tensor]):
     from torch.utils.data import DataLoader, TensorDataset
 
     screener = build_screener(cfg)
-    opt = torch.optim.Adam(screener.parameters(), lr=1e-3)
+    opt = torch.optim.Adam([p for p in screener.parameters() if p.requires_grad], lr=1e-3)
     image, clinical, label = batch["image"], batch["clinical"], batch["label"]
     if mode == "plain":
         def step() -> None:
@@ -101,13 +105,18 @@ def _make_step(mode: str, cfg, batch: dict[str, torch.Tensor]):
 
 
 def step_times(cfg, steps: int, batch_size: int) -> dict:
+    """Every mode on all layers, plus the DP fine-tuning route (model.finetune=norm_heads: pretrained
+    encoders kept, their norm layers and the heads trained), all interleaved in one loop."""
+    from dataclasses import replace
+
     from shared.clinical import feature_names
 
     batch = _batch(batch_size, cfg.task.image_size, len(feature_names(cfg.task)))
+    tuned = replace(cfg, model=replace(cfg.model, finetune="norm_heads"))
     runners, invalid = {}, {}
-    for mode in ("plain", *MODES):
+    for mode, c in [("plain", cfg), *((m, cfg) for m in MODES), ("plain norm_heads", tuned), ("hooks norm_heads", tuned)]:
         try:
-            runners[mode] = _make_step(mode, cfg, batch)
+            runners[mode] = _make_step(mode.split()[0], c, batch)
         except Exception as exc:  # a mode Opacus cannot run on our model: reported, not fatal
             invalid[mode] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     times: dict[str, list[float]] = {m: [] for m in runners}
@@ -120,7 +129,7 @@ def step_times(cfg, steps: int, batch_size: int) -> dict:
             times[m].append(time.perf_counter() - t)
     plain = statistics.median(times["plain"])
     rows = {m: {"median_s": statistics.median(t), "ratio": statistics.median(t) / plain} for m, t in times.items()}
-    valid = [m for m in rows if m != "plain"]
+    valid = [m for m in rows if m in MODES]
     return {"rows": rows, "invalid": invalid, "fastest_valid": min(valid, key=lambda m: rows[m]["median_s"]) if valid else None}
 
 
@@ -234,6 +243,25 @@ def grid_table(cells: list[dict], step_ratio: float | None) -> str:
     return "\n".join(lines)
 
 
+def audit(epsilons: list[float], seeds: list[int], canaries: int, guesses: int, out: Path) -> list[dict]:
+    """The suite's canary audit (simulation.audit) at full size: one training run per (epsilon, seed)."""
+    from dataclasses import asdict
+
+    from shared.config import PrivacyConfig
+    from simulation.audit import canary_audit
+
+    cfg = compose(["model=logreg", "model.aux_loss=none", "federation.batch_size=32", "federation.lr=0.05",
+                   "federation.optimizer=sgd"])
+    rows = []
+    for eps in [None, *epsilons]:
+        for seed in seeds:
+            policy = None if eps is None else PrivacyConfig(enabled=True, target_epsilon=eps, accountant="prv")
+            res = canary_audit(cfg, out / f"audit-{eps}-{seed}", policy=policy, canaries=canaries, patients=200,
+                               guesses=guesses, seed=seed)
+            rows.append({"target_epsilon": eps, "seed": seed, **asdict(res)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=0, help="time this many steps per grad-sample mode (0: skip)")
@@ -242,6 +270,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-epsilons", default="1,8")
     ap.add_argument("--out", default="runs/bench-dp")
+    ap.add_argument("--audit", action="store_true", help="the canary audit at full size (1000 canaries)")
     ap.add_argument("--grid", action="store_true")
     ap.add_argument("--cells", default="mmcl:random,image_only:random,clinical_only:random,logreg:random,"
                     "mmcl:public,image_only:public,clinical_only:public,logreg:public", help="model:init pairs, in order")
@@ -274,6 +303,15 @@ def main() -> None:
             table.add_row("-" if r["epsilon"] is None else f"{r['epsilon']:g}", r["setting"], f"{r['test_auc']:.3f}", f"{r['oracle_auc']:.3f}", f"{r['seconds']:.0f}")
         console.print(table)
         report["sweep"] = {"federation": FEDERATION, "synth_seed": 100, "rows": rows}
+    if args.audit:
+        rows = audit([1.0, 4.0, 8.0], [0, 1, 2], 1000, 400, out)
+        table = Table("claimed epsilon", "seed", "correct / guesses", "empirical epsilon lower bound",
+                      title="one-run canary audit (simulation.audit), 1000 canaries, clinical logreg")
+        for r in rows:
+            table.add_row("no DP" if r["target_epsilon"] is None else f"{r['epsilon_claimed']:.2f}", str(r["seed"]),
+                          f"{r['correct']} / {r['guesses']}", f"{r['epsilon_lower_bound']:.2f}")
+        console.print(table)
+        report["audit"] = rows
     if args.grid:
         eps = [None if e == "none" else float(e) for e in args.epsilons.split(",")]
         pairs = [tuple(c.split(":")) for c in args.cells.split(",")]
