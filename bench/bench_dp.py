@@ -315,9 +315,10 @@ def main() -> None:
     if args.grid:
         eps = [None if e == "none" else float(e) for e in args.epsilons.split(",")]
         pairs = [tuple(c.split(":")) for c in args.cells.split(",")]
-        cells = grid(out, pairs, eps, [int(x) for x in args.seeds.split(",")], path, report, console)
+        grid(out, pairs, eps, [int(x) for x in args.seeds.split(",")], path, report, console)
+    if report.get("grid", {}).get("cells"):  # (re)rendered on every run, with the latest step ratio
         ratio = report.get("step_time", {}).get("rows", {}).get("hooks", {}).get("ratio")
-        report["grid"]["table"] = grid_table(cells, ratio)
+        report["grid"]["table"] = grid_table(report["grid"]["cells"], ratio)
         console.print(report["grid"]["table"])
     path.write_text(json.dumps(report, indent=1))
     console.print(f"wrote {path}")
