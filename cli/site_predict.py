@@ -11,7 +11,7 @@ from cli.main import Verb
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("export_dir", help="a folder written by `fedmsk export` (model.safetensors, model_card.json, config.yaml)")
     p.add_argument("site_dir", help="the patients to score: clinical.csv + images/ (labels may be empty)")
-    p.add_argument("--out", help=f"predictions CSV (default: <site_dir>/fedmsk-predictions.csv)")
+    p.add_argument("--out", help="predictions CSV (default: <site_dir>/fedmsk-predictions.csv)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
 

@@ -8,6 +8,8 @@ own copy in ``<site>/.fedmsk/local_params/<run>.pt``: a file, not Flower's ``con
 because a deployed SuperNode runs every message in a fresh ClientApp process and a restarted
 site must find its values again. The first call of a run (the round-0 evaluation or round-1
 training) stores the site's own initial values, so every later call of that run agrees.
+The site keeps only its latest values: when the server picks an earlier round's model as the
+final one, the site's test evaluation pairs it with its latest local parameters.
 """
 
 from __future__ import annotations
