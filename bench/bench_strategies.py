@@ -65,6 +65,16 @@ def one_run(base: list[str], name: str, extra: list[str], run_dir: Path, attack:
     return {"auc": test["auc"], "seconds": time.perf_counter() - t0}
 
 
+def mix_oracle_auc(base: list[str]) -> float | None:
+    """The generator's latent score on the same pooled test patients (the best any model could do)."""
+    from simulation.evaluation import load_federation, split_patient_ids
+    from simulation.oracle import oracle_auc
+
+    cfg = compose(base)
+    keys = [(folder.name, pid) for folder, site, _ in load_federation(cfg) for pid in split_patient_ids(site, cfg, "test")]
+    return oracle_auc(cfg.data_root, keys)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mixes", type=int, default=2)
@@ -85,18 +95,22 @@ def main() -> None:
             write_federation(compose(base_overrides + [f"data_root={root}", f"seed={100 + mix}"]))
         for seed in range(args.seeds):
             base = base_overrides + [f"data_root={root}", f"seed={seed}"]
+            oracle = mix_oracle_auc(base)
+            print(f"mix{mix} seed{seed}: oracle AUC on the pooled test patients {oracle:.3f}", flush=True)
             plan = [(n, e, None) for n, e in ROBUST.items()] + [(n, e, args.scale) for n, e in ROBUST.items()]
             plan += [] if args.robust_only else [(n, e, None) for n, e in OTHERS.items()]
             plan = [p for p in plan if not args.only or p[0] in args.only.split(",")]
             for name, extra, attack in plan:
                 tag = f"{name}-{'attack' if attack else 'clean'}-mix{mix}-seed{seed}"
                 r = one_run(base, name, extra, out / "runs" / tag, attack)
-                results.append({"strategy": name, "attack": bool(attack), "mix": mix, "seed": seed, **r})
+                results.append({"strategy": name, "attack": bool(attack), "mix": mix, "seed": seed, "oracle_auc": oracle, **r})
                 print(f"{tag}: test AUC {r['auc']:.3f} ({r['seconds']:.0f} s)", flush=True)
     table = {}
     for r in results:
         table.setdefault((r["strategy"], r["attack"]), []).append(r["auc"])
-    print("\n| strategy | one site sign-flipped x%g | pooled test AUC mean | sd | runs |" % args.scale)
+    oracles = sorted({(r["mix"], r["seed"], r["oracle_auc"]) for r in results})
+    print("\noracle AUC per mix/seed: " + ", ".join(f"mix{m} seed{s}: {o:.3f}" for m, s, o in oracles))
+    print("| strategy | one site sign-flipped x%g | pooled test AUC mean | sd | runs |" % args.scale)
     print("|---|---|---|---|---|")
     summary = []
     for (name, attack), aucs in table.items():
@@ -105,7 +119,7 @@ def main() -> None:
         summary.append({"strategy": name, "attack": attack, "auc_mean": statistics.mean(aucs), "auc_sd": sd, "n": len(aucs)})
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / args.json).write_text(json.dumps({"config": base_overrides, "scale": args.scale,
-                                                         "summary": summary, "runs": results}, indent=2))
+                                                         "oracle": oracles, "summary": summary, "runs": results}, indent=2))
 
 
 if __name__ == "__main__":
