@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,7 @@ from server.provision import Consortium, ProvisionError
 CONNECTION = "consortium"  # not "fedmsk": Flower reads a same-named folder holding a pyproject.toml as an app path
 DEFAULT_LOCAL_PORT = 9093
 BUSY_TIMEOUT_MS = 60_000  # SQLite waits this long for the writer lock (Flower's own default: 5000)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log levels
 MAX_RESTARTS = 3  # per child, over the server's lifetime; then `fedmsk server` gives up (exit 1)
 
 
@@ -125,18 +127,22 @@ class ManagedProcess:
             pass
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the whole group, then SIGKILL what is left after ``timeout`` seconds."""
+        """SIGTERM the whole group, then SIGKILL what is left after ``timeout`` seconds.
+
+        A second Ctrl-C or SIGTERM while waiting (``timeout`` sends one to the child and one to
+        its process group) cuts the wait short instead of leaving the child running.
+        """
         if self.proc is None:
             return
         self.signal_group(signal.SIGTERM)
         try:
             self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
             pass
         self.signal_group(signal.SIGKILL)  # helpers that outlived their parent
         try:
             self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
             pass
         self._log.close()
 
@@ -359,12 +365,14 @@ class CoordinatorServer:
         child has died more than ``max_restarts`` times.
         """
         events = []
-        for proc, restart in ((self.superlink, self._restart_superlink), (self.executor, self._start_executor),
-                              (self.gateway, self._start_gateway)):
+        restarts = {"superlink": self._restart_superlink, "executor": self._start_executor, "gateway": self._start_gateway}
+        for attr, restart in restarts.items():
+            proc = getattr(self, attr)
             if proc is None or proc.alive():
                 continue
             code = proc.returncode()
-            tail = " | ".join(line for line in proc.log_text().splitlines()[-3:] if line.strip())
+            lines = [ANSI.sub("", line).strip().rstrip(".") for line in proc.log_text().splitlines()[-3:]]
+            tail = " | ".join(line for line in lines if line)
             what = f"{proc.name} died (exit code {code}); its log {proc.log_path} ends: {tail[-400:]}"
             proc.stop(timeout=2)
             count = self.restarts.get(proc.name, 0) + 1
@@ -373,8 +381,8 @@ class CoordinatorServer:
                 raise ServerDied(f"{what}. It died {count} times; giving up (the other children are stopped)")
             restart()
             events.append(f"{what}. Restarted it ({count}/{self.max_restarts}).")
-            if proc is self.superlink:
-                break  # the executor restarted with it
+            if attr == "superlink":
+                break  # the executor was restarted with it
         return events
 
     def _restart_superlink(self) -> None:

@@ -139,3 +139,41 @@ def test_gateway_forwards_only_raw_fleet_paths(tmp_path):
     assert "if ($fedmsk_fleet = 0) { return 403; }" in text
     assert "proxy_pass https://127.0.0.1:9093;" in text and "proxy_ssl_verify on;" in text
     assert "listen 127.0.0.1:9443 ssl;" in text
+
+
+def test_the_server_restarts_a_dead_child_once_and_gives_up_after_the_limit(consortium, tmp_path):
+    """supervise() with stand-in children (sleeping processes): a dead SuperLink restarts with one
+    fresh executor (the old one stopped, none orphaned); a child dying past the limit ends the server."""
+    from server.superlink import CoordinatorServer, ManagedProcess, ServerDied
+
+    srv = CoordinatorServer(consortium, gateway=False, max_restarts=2)
+    started = []
+
+    def child(name):
+        proc = ManagedProcess(name, [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / f"{name}.log").start()
+        started.append(proc)
+        return proc
+
+    srv._start_superlink = lambda: setattr(srv, "superlink", child("SuperLink"))
+    srv._start_executor = lambda: setattr(srv, "executor", child("executor"))
+    try:
+        srv._start_superlink()
+        srv._start_executor()
+        first_executor = srv.executor
+        srv.superlink.signal_group(9)
+        srv.superlink.proc.wait(timeout=10)
+        events = srv.supervise()
+        assert len(events) == 1 and events[0].startswith("SuperLink died (exit code -9)") and "(1/2)" in events[0]
+        assert not first_executor.alive() and srv.executor.alive()
+        assert [p.name for p in started if p.alive()] == ["SuperLink", "executor"]  # no orphaned executor
+        for _ in range(2):
+            srv.executor.signal_group(9)
+            srv.executor.proc.wait(timeout=10)
+            assert "executor died" in srv.supervise()[0]
+        srv.executor.signal_group(9)
+        srv.executor.proc.wait(timeout=10)
+        with pytest.raises(ServerDied, match="died 3 times"):
+            srv.supervise()
+    finally:
+        for proc in started:
+            proc.stop(timeout=2)
