@@ -7,7 +7,9 @@ switches on live here, each a method the loop calls at one point:
   shared parameters are sent and aggregated; the server keeps the full model (its copy of the
   site-local parameters is the initial one) and merges the aggregate back into it.
 * ``select`` / ``verdict``: a site rejected ``strategy.exclude_after_rejections`` rounds in a
-  row gets no further message in this run (server.validation.RejectionTracker).
+  row gets no further message in this run (server.validation.RejectionTracker), also after a
+  resume: the excluded node ids are kept in ``checkpoints/excluded.json`` (a deployment's
+  SuperLink with ``--database`` keeps node ids across restarts; a new simulation draws new ones).
 * ``checkpoint`` / ``resume``: the server optimiser state of FedAdam/FedYogi beside each
   round's checkpoint (server.strategy_state).
 * ``round_done`` / ``close``: TensorBoard scalars of the round (server.tensorboard).
@@ -15,13 +17,14 @@ switches on live here, each a method the loop calls at one point:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import Strategy
 
-from server.report import RunRecorder
+from server.report import RunRecorder, atomic_write_text
 from server.strategy_state import load_strategy_state, save_strategy_state
 from server.tensorboard import RunBoard
 from server.validation import RejectionTracker
@@ -38,6 +41,7 @@ class RunHooks:
 
             self.local = local_keys(build_screener(cfg), cfg.strategy.local_params)
         self.rejections = RejectionTracker(cfg.strategy.exclude_after_rejections)
+        self.excluded_path = run_dir / "checkpoints" / "excluded.json"
         self.board = RunBoard(run_dir, start=len(recorder.rows))
 
     def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -62,6 +66,7 @@ class RunHooks:
         if not self.rejections.record(node, ok):
             return None
         n = self.rejections.limit
+        atomic_write_text(self.excluded_path, json.dumps(sorted(self.rejections.excluded)))
         return (f"update rejected {n} rounds in a row (strategy.exclude_after_rejections={n}); "
                 f"the site gets no further round of this run")
 
@@ -70,6 +75,8 @@ class RunHooks:
 
     def resume(self, rnd: int) -> None:
         load_strategy_state(self.run_dir, rnd, self.strategy)
+        if self.excluded_path.is_file():
+            self.rejections.excluded |= {int(n) for n in json.loads(self.excluded_path.read_text())}
 
     def round_done(self) -> None:
         self.board.write(self.recorder.rows)

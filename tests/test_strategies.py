@@ -298,3 +298,11 @@ def test_strategies_secure_aggregation_cannot_run_are_refused_at_start():
     with pytest.raises(ConfigError, match="SecAgg"):
         compose(["strategy=fedmedian", "federation.secure_aggregation=true"])
     compose(["strategy=fedavg", "federation.secure_aggregation=true"])  # the one it runs
+
+
+def test_an_excluded_site_stays_excluded_after_a_resume(tmp_path):
+    base = SCRIPTED + ["strategy.exclude_after_rejections=1", f"run_dir={tmp_path}"]
+    run_federation(ScriptedGrid(3, nan_nodes={1}), compose(base + ["rounds=1"]), tmp_path)
+    grid = ScriptedGrid(3, nan_nodes={1})
+    run_federation(grid, compose(base + ["rounds=3", "resume=true"]), tmp_path)
+    assert {m.metadata.dst_node_id for m in grid.sent} == {0, 2}
