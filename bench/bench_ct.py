@@ -133,8 +133,8 @@ def quality(args: argparse.Namespace) -> None:
         base = CT + [f"seed={seed}", f"data_root={work / 'fed'}", "num_sites=3", f"synth.patients_per_site=[{args.patients}]",
                      "synth.image_size=64", *args.overrides]
         write_federation(compose(base))
-        for name, extra in RUNS.items():
-            cfg = compose(base + extra + [f"run_dir={work / 'runs' / str(len(seconds[name]))}"])
+        for k, (name, extra) in enumerate(RUNS.items()):
+            cfg = compose(base + extra + [f"run_dir={work / 'runs' / f'run{k}'}"])  # one run folder per training
             torch.set_num_threads(max(1, cfg.federation.torch_threads))
             start = time.perf_counter()
             if name.startswith("pooled"):
