@@ -155,7 +155,7 @@ def quality(args: argparse.Namespace) -> None:
     table = Table(title=f"vertebral fracture, 3 sites x {args.patients} patients, seeds {args.seeds} (mean +- sd, pooled test)")
     for col in ("training", "macro-F1", "F1 g0/g1/g2/g3", "screen AUC", "SEN", "SPC", "oracle F1", "oracle AUC", "s"):
         table.add_column(col)
-    ms = lambda row, k: f"{row[k]['mean']:.2f} +- {row[k]['sd']:.2f}"  # noqa: E731
+    ms = lambda row, k: f"{row[k]['mean']:.2f} +- {row[k]['sd']:.2f}" if k in row else "-"  # noqa: E731
     for name, row in summary.items():
         table.add_row(name, ms(row, "f1"), "/".join(f"{row[f'f1_class{g}']['mean']:.2f}" for g in range(4)), ms(row, "screen_auc"),
                       ms(row, "screen_sen"), ms(row, "screen_spc"), ms(row, "oracle_f1"), ms(row, "oracle_auc"), f"{row['seconds']:.0f}")
