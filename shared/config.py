@@ -179,6 +179,18 @@ class FederationConfig:
     torch_threads: int = 1
     secure_aggregation: bool = False  # SecAgg+: the server only sees the sum of the sites' updates
     secagg_max_dropouts: int = 1  # sites that may drop out of a SecAgg+ round without losing it
+    # the update a site sends (shared.compression): none (fp32 weights) | fp16 | int8 (deltas against
+    # the global weights it received; the server decodes before validation and aggregation)
+    compression: str = "none"
+
+
+@dataclass
+class SimulationConfig:
+    """`fedmsk simulate` only: where Flower's simulation engine runs its Ray workers."""
+
+    # null: start a local Ray instance for the run; "host:port" (the GCS address `ray start --head`
+    # prints) or "auto": run on that existing cluster (simulation.runner.check_ray_address)
+    ray_address: str | None = None
 
 
 @dataclass
@@ -213,6 +225,7 @@ class FedmskConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -226,6 +239,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "privacy.release_noise": ("none", "laplace", "gaussian"),
     "model.finetune": ("all", "heads", "norm_heads"),
     "federation.optimizer": ("adam", "sgd"),
+    "federation.compression": ("none", "fp16", "int8"),
 }
 _COLUMN_KINDS = ("float", "int", "category")
 _MISSING_POLICIES = ("drop", "impute", "indicator")
@@ -295,6 +309,11 @@ def validate(cfg: FedmskConfig) -> None:
     f = cfg.federation
     if f.local_epochs < 1 or f.batch_size < 1 or f.lr <= 0:
         raise ConfigError("config 'federation': local_epochs and batch_size must be >= 1 and lr > 0")
+    if f.secure_aggregation and f.compression != "none":
+        raise ConfigError(
+            f"config 'federation.compression' is '{f.compression}' but federation.secure_aggregation is on: SecAgg+ "
+            f"quantises and masks the update itself, so it cannot carry a compressed one; set federation.compression=none"
+        )
     p = cfg.privacy
     if p.enabled and (p.target_epsilon <= 0 or not 0 < p.delta < 1 or p.max_grad_norm <= 0):
         raise ConfigError("config 'privacy': target_epsilon and max_grad_norm must be > 0 and delta in (0, 1)")

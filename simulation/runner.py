@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -19,11 +20,42 @@ from shared.config import ConfigError, FedmskConfig
 
 def backend_config(cfg: FedmskConfig) -> dict:
     """Ray resources per simulated site: 1 CPU each lets two sites train at once on 2 cores
-    (Flower's default of 2 CPUs a site would run them one at a time)."""
+    (Flower's default of 2 CPUs a site would run them one at a time).
+
+    ``simulation.ray_address`` goes to ``ray.init(address=...)`` through Flower's ``init_args``
+    (flwr's RayBackend.init_ray), so the run joins that cluster instead of starting its own.
+    """
+    init_args: dict = {"logging_level": "error", "log_to_driver": False, "include_dashboard": False}
+    if cfg.simulation.ray_address:
+        init_args["address"] = cfg.simulation.ray_address
     return {
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
-        "init_args": {"logging_level": "error", "log_to_driver": False, "include_dashboard": False},
+        "init_args": init_args,
     }
+
+
+def check_ray_address(address: str | None, timeout_s: float = 3.0) -> None:
+    """A cluster address nobody answers on is refused at start, naming the key.
+
+    Without this, ``ray.init`` retries for about a minute inside Flower's backend thread and the
+    run dies with a Ray traceback that does not say which setting was wrong. ``auto`` (find the
+    cluster this machine's ``ray start`` wrote down) is left to Ray.
+    """
+    if not address or address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"config 'simulation.ray_address' is '{address}'; give host:port of a running Ray cluster "
+                          f"(what `ray start --head` prints), 'auto', or null for a local Ray")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"config 'simulation.ray_address' is '{address}' but no Ray cluster answers there ({exc}); start one with "
+            f"`ray start --head --port {port} --node-ip-address {host}` or set simulation.ray_address=null for a local Ray"
+        ) from None
 
 
 def check_minimums(cfg: FedmskConfig, n_sites: int) -> None:
@@ -47,6 +79,7 @@ def simulate(cfg: FedmskConfig, console: Console | None = None) -> dict:
     console = console or Console()
     sites = list_sites(cfg.data_root)
     check_minimums(cfg, len(sites))
+    check_ray_address(cfg.simulation.ray_address)
     use_oracle = check_side_files(cfg, sites, console)  # a foreign oracle.csv is said now, not after training
     run_dir = default_run_dir(cfg, "simulate").resolve()
     # Site processes resolve data_root themselves; make it absolute so Ray's workers agree.
