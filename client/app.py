@@ -23,6 +23,7 @@ from client.release import release_counts
 from client.local_state import site_local_params
 from client.site import SiteIdentity, resolve_site
 from client.trainer import build_screener, evaluate, make_loader, train_local
+from shared.compression import COMPRESSION, encode_update
 from shared.config import FedmskConfig, from_yaml
 from shared.provenance import init_line
 from shared.messages import (
@@ -142,9 +143,13 @@ def train(msg: Message, context: Context) -> Message:
         dict(context.node_config), str(config[JOB_KEY]), weights, int(config["server-round"]), str(config.get(RUN_ID_KEY, "")),
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # sent by Flower's FedProx (strategy=fedprox)
     )
+    # federation.compression: deltas against the weights received, decoded by the server (shared.compression)
+    state, codec = encode_update(state, weights, _job(str(config[JOB_KEY])).federation.compression)
     content = site_reply(
         site_name=site.name, metrics=metrics, allowed=TRAIN_METRIC_KEYS, state=state, expected_keys=set(weights)
     )
+    if codec is not None:
+        content[COMPRESSION] = codec
     return Message(content=content, reply_to=msg)
 
 

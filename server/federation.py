@@ -25,7 +25,8 @@ from server.operating_point import at_operating_point, select_round
 from server.report import RunRecorder
 from server.run_hooks import RunHooks
 from server.strategy import build_strategy
-from server.validation import check_update
+from server.validation import Verdict, check_update
+from shared.compression import decode_reply
 from shared.config import ConfigError, FedmskConfig, to_yaml
 from shared.messages import JOB_KEY, METRICS, RUN_ID_KEY, SPLIT_KEY, reply_site_name
 
@@ -136,7 +137,8 @@ class Federation:
                 refused[site] = plain_reason(reply.error.reason)
                 self._event(rnd, site, "no update", refused[site])
                 continue
-            verdict = check_update(sent, reply.content, self.cfg.strategy.max_update_norm)
+            undecodable = decode_reply(sent, reply.content)  # federation.compression: back to fp32 weights
+            verdict = Verdict(False, undecodable) if undecodable else check_update(sent, reply.content, self.cfg.strategy.max_update_norm)
             excluded = self.hooks.verdict(reply.metadata.src_node_id, verdict.ok)
             if not verdict.ok:
                 refused[site] = f"update rejected: {verdict.reason}"
