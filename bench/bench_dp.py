@@ -48,6 +48,7 @@ from shared.config import compose
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("hooks", "functorch", "ew", "ghost")
+SAME_MODEL = ["model.aux_loss=prototype"]  # the DP presets' aux loss in every grid cell and the pretraining
 PRESETS = {None: [], 8.0: ["privacy=eps8"], 4.0: ["privacy=eps4"], 1.0: ["privacy=eps1"]}
 # synth defaults: 180,140,100,160,120 patients a site, 60% of them train (108, 84, 60, 96, 72); 32x32 inputs
 # and 4 rounds x 2 local epochs keep a cell at a few CPU minutes on the 2-core machine
@@ -197,7 +198,7 @@ def pretrain(out: Path, model: str) -> Path:
     weights = out / f"public-{model}" / WEIGHTS
     if not weights.is_file():
         public = write_sites(out, 50)
-        pretrain_public(compose(FEDERATION + [f"model={model}", "seed=50", f"data_root={public}",
+        pretrain_public(compose(FEDERATION + [f"model={model}", *SAME_MODEL, "seed=50", f"data_root={public}",
                                               f"run_dir={weights.parent}"]), Console(quiet=True))
     return weights
 
@@ -214,7 +215,8 @@ def grid(out: Path, pairs: list[tuple[str, str]], epsilons: list[float | None], 
             for seed in seeds:
                 if (model, eps, init, seed) in done:
                     continue
-                res = run_federated(write_sites(out, seed), out / "cell", [f"model={model}", f"seed={seed}", *PRESETS[eps], *extra])
+                res = run_federated(write_sites(out, seed), out / "cell",
+                                    [f"model={model}", *SAME_MODEL, f"seed={seed}", *PRESETS[eps], *extra])
                 cells.append({"model": model, "epsilon": eps, "init": init, "seed": seed, **res})
                 path.write_text(json.dumps(report, indent=1))
                 console.print(f"  {model} eps {eps} {init} seed {seed}: AUC {res['test_auc']:.3f} ({res['seconds']:.0f} s)")
