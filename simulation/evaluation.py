@@ -40,10 +40,12 @@ def split_patient_ids(site, cfg: FedmskConfig, split: str) -> list[str]:
 
 
 def pooled_test_metrics(screener: Screener, cfg: FedmskConfig, federation, device: str = "cpu",
-                        oracle: bool | None = None) -> dict[str, float | None]:
+                        oracle: bool | None = None, threshold: float = 0.5) -> dict[str, float | None]:
     """Metrics of ``screener`` on all sites' test patients pooled, plus the oracle AUC.
 
     ``oracle``: whether to read ``oracle.csv`` (``check_side_files`` decides at start); None: if it exists.
+    ``threshold``: the operating threshold the run chose on validation (binary tasks), so the
+    pooled ACC/F1/SEN/SPC/PRE are those of the model as the run would use it.
     """
     from simulation.oracle import oracle_auc, oracle_grading
 
@@ -53,8 +55,9 @@ def pooled_test_metrics(screener: Screener, cfg: FedmskConfig, federation, devic
         labels.append(y)
         probs.append(p)
         keys += [(folder.name, pid) for pid in split_patient_ids(site, cfg, "test")]
-    metrics = classification_metrics(np.concatenate(labels), np.concatenate(probs))
+    metrics = classification_metrics(np.concatenate(labels), np.concatenate(probs), threshold=threshold)
     out: dict[str, float | None] = {k: metrics[k] for k in ("auc", "acc", "f1", "sen", "spc", "pre")}
+    out["threshold"] = threshold
     out["n"] = float(len(keys))
     use_oracle = (Path(cfg.data_root) / "oracle.csv").is_file() if oracle is None else oracle
     out["oracle_auc"] = oracle_auc(cfg.data_root, keys) if use_oracle else None

@@ -92,7 +92,9 @@ def simulate(cfg: FedmskConfig, console: Console | None = None) -> dict:
     def on_finish(arrays, recorder):  # extras only: a failing one is skipped and named, the run folder is written
         def pooled() -> dict:
             screener = load_screener(cfg, arrays.to_torch_state_dict())
-            return pooled_test_metrics(screener, cfg, load_federation(cfg, sites), oracle=use_oracle)
+            test = recorder.select(phase="evaluate", split="test", site="global")
+            threshold = test[-1].get("threshold", 0.5) if test else 0.5  # the one chosen on validation
+            return pooled_test_metrics(screener, cfg, load_federation(cfg, sites), oracle=use_oracle, threshold=threshold)
 
         return run_extras({"pooled_test": pooled}, console)
 

@@ -54,6 +54,8 @@ def test_simulation_learns_and_survives_a_broken_site(federation_root, tmp_path)
     assert (run_dir / "final_model.pt").is_file() and (run_dir / "checkpoints" / "round_0002.pt").is_file()
     assert summary["test_global"]["auc"] is not None
     assert 0.5 < summary["pooled_test"]["oracle_auc"] <= 1.0
+    # the researcher-side pooled test uses the operating threshold the coordinator chose on validation
+    assert summary["pooled_test"]["threshold"] == pytest.approx(summary["operating_point"]["threshold"])
 
 
 def test_pooled_baseline_writes_the_same_run_format(federation_root, tmp_path):
@@ -64,3 +66,8 @@ def test_pooled_baseline_writes_the_same_run_format(federation_root, tmp_path):
     assert set(summary["test_per_site"]) == {"site_a", "site_b", "site_c"}
     val = [a for _, a in summary["val_auc_by_round"]]
     assert val[-1] > val[0] + 0.1
+    # the final model is the epoch with the best pooled validation AUC, and the researcher-side
+    # pooled test is scored at the threshold chosen on validation, as the federation does
+    test_global = summary["operating_point"]
+    assert test_global["selected_round"] == max(range(1, 3), key=lambda r: dict(summary["val_auc_by_round"])[r])
+    assert summary["pooled_test"]["threshold"] == pytest.approx(test_global["threshold"])
