@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import time
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--json", default="wire.json", help="file name under bench/results/")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # a line per configure/aggregate call otherwise
     out = Path(args.out).resolve()
     base_overrides = ["num_sites=3", "model=mmcl", "rounds=4", "federation.local_epochs=1",
                       "synth.patients_per_site=[80,70,60]", *args.overrides]
@@ -118,8 +120,8 @@ def main() -> None:
     print(f"\nfp32 model {model / 1e6:.2f} MB; job YAML {results[0]['job_yaml_bytes'] / 1e3:.1f} kB in every message "
           f"({results[0]['job_yaml_bytes'] / model:.3f} x model)")
     print("| compression | train download | update (upload) | eval download | site sends / round | site receives / round "
-          "| pooled test AUC mean | sd | runs |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| pooled test AUC mean | sd | AUC - none (paired) | runs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     summary = []
     for method in args.methods.split(","):
         rs = [r for r in results if r["method"] == method]
@@ -128,10 +130,15 @@ def main() -> None:
         sends = statistics.mean(r["site_sends_per_round"] for r in rs)
         receives = statistics.mean(r["site_receives_per_round"] for r in rs)
         sd = statistics.stdev(aucs) if len(aucs) > 1 else 0.0
+        # the AUC cost, paired: each run minus the uncompressed run of the same mix and seed
+        plain = {(r["mix"], r["seed"]): r["auc"] for r in results if r["method"] == "none"}
+        diffs = [r["auc"] - plain[(r["mix"], r["seed"])] for r in rs if (r["mix"], r["seed"]) in plain]
+        cost = (statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0) if diffs else (float("nan"), 0.0)
         print(f"| {method} | {row['train_down']:.3f} | {row['train_up']:.3f} | {row['evaluate_down']:.3f} | {sends:.3f} | "
-              f"{receives:.3f} | {statistics.mean(aucs):.3f} | {sd:.3f} | {len(aucs)} |")
+              f"{receives:.3f} | {statistics.mean(aucs):.3f} | {sd:.3f} | {cost[0]:+.3f} ± {cost[1]:.3f} | {len(aucs)} |")
         summary.append({"method": method, **row, "site_sends_per_round": sends, "site_receives_per_round": receives,
-                        "auc_mean": statistics.mean(aucs), "auc_sd": sd, "n": len(aucs)})
+                        "auc_mean": statistics.mean(aucs), "auc_sd": sd, "auc_minus_none_mean": cost[0],
+                        "auc_minus_none_sd": cost[1], "n": len(aucs)})
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / args.json).write_text(json.dumps({"config": base_overrides, "fp32_model_bytes": model,
                                                  "summary": summary, "runs": results}, indent=2))
