@@ -22,10 +22,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The quick benchmarks (minutes); the quality grids behind the README tables take an hour or
+# more each on 2 cores: bench_quality.py, bench_dp.py --grid, bench_ct.py --quality (see README).
 bench: $(STAMP)
 	$(BIN)/python bench/bench_loading.py
-	$(BIN)/python bench/bench_models.py --out runs/bench-models5 num_sites=5
-	$(BIN)/python bench/bench_dp.py
+	$(BIN)/python bench/bench_dp.py --steps 10
+	$(BIN)/python bench/bench_wire.py
+	$(BIN)/python bench/bench_sim.py
+	$(BIN)/python bench/bench_ct.py
 
 clean:
 	rm -rf runs data/synthetic

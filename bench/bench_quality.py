@@ -66,16 +66,10 @@ def _test_metrics(screener, cfg, federation, threshold: float) -> dict[str, floa
 
 
 def _federated(cfg, run_dir: Path) -> dict[str, float]:
-    import client.app as client_app
-    from functools import lru_cache
-
     from server.federation import run_federation
     from simulation.evaluation import load_federation, load_screener
     from tests.inprocess_grid import InProcessGrid
 
-    # the ClientApp keeps 4 sites' data per process; one process plays all five sites here
-    if client_app._site_datasets.cache_info().maxsize < 16:
-        client_app._site_datasets = lru_cache(maxsize=16)(client_app._site_datasets.__wrapped__)
     federation = load_federation(cfg)
     grid = InProcessGrid({100 + i: {"partition-id": i} for i in range(len(federation))})
     arrays, recorder = run_federation(grid, cfg, run_dir)

@@ -48,9 +48,13 @@ def _job(job_yaml: str) -> FedmskConfig:
     return from_yaml(job_yaml, origin="run config sent by the server")
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=64)
 def _site_datasets(data_dir: str, task_yaml: str, seed: int, private: bool):
     """Decode and split the site's data once per process (Flower reuses it across rounds).
+
+    In simulation one Ray worker plays many sites in turn (10 sites on 2 workers: 5 each), so
+    the cache holds up to 64 sites' decoded splits (a 40-patient 64x64 site is under 1 MB);
+    with only a few entries every round would reload every site from disk.
 
     ``private``: the site trains under DP, so the clinical scaling comes from the task's
     reference values, not from its training patients (shared.sitedata.make_datasets).
