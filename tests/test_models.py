@@ -72,6 +72,18 @@ def test_forward_backward_shapes_and_gradients(name: str, aux: str) -> None:
         assert p.grad.abs().sum() > 0, f"{name}: zero gradient in {pname}"
 
 
+@pytest.mark.parametrize(("name", "aux"), CASES)
+def test_an_empty_batch_runs(name: str, aux: str) -> None:
+    """Poisson sampling under DP-SGD draws empty batches; every model must take them (B=0)."""
+    dims = 3 if name == "fracture3d" else 2
+    cfg = make_cfg(name, aux, dims=dims, size=16)
+    model = build_model(cfg, n_clinical=N_CLIN)
+    image, clinical = batch(0, dims=dims, size=16)
+    out = model(image, clinical)
+    assert out["logits"].shape == (0, 2)
+    sum(v.float().sum() for v in out.values() if v is not None).backward()
+
+
 def off_init(model: nn.Module) -> nn.Module:
     """Move every weight off its init: zero-initialised parts (logreg, the fusion's residual
     scale gamma, the clinical read-out) block gradients or inputs only at the init itself."""

@@ -180,14 +180,16 @@ class VisualClinicalFusion(nn.Module):
         self.scale = LearnedScale()
 
     def forward(self, feat: torch.Tensor, z_clinical: torch.Tensor) -> torch.Tensor:
+        # explicit sizes, never -1: an empty Poisson batch under DP-SGD has B=0 and must still run
         b, n = feat.shape[0], math.prod(feat.shape[2:])
-        tiled = z_clinical.reshape(b, -1, *([1] * (feat.dim() - 2))).expand(-1, -1, *feat.shape[2:])
+        tiled = z_clinical.reshape(b, z_clinical.shape[1], *([1] * (feat.dim() - 2))).expand(-1, -1, *feat.shape[2:])
         x = torch.cat([feat, tiled], dim=1)
         h = self.norm(x)
-        q, k, v = self.query(h).reshape(b, -1, n), self.key(h).reshape(b, -1, n), self.value(h).reshape(b, -1, n)
+        q, k, v = self.query(h), self.key(h), self.value(h)
+        q, k, v = q.reshape(b, q.shape[1], n), k.reshape(b, k.shape[1], n), v.reshape(b, v.shape[1], n)
         attn = torch.softmax(torch.einsum("bcn,bcm->bnm", q, k) * q.shape[1] ** -0.5, dim=-1)
         y = torch.einsum("bnm,bcm->bcn", attn, v)
-        return (x.reshape(b, -1, n) + self.scale(y)).mean(dim=-1)
+        return (x.reshape(b, x.shape[1], n) + self.scale(y)).mean(dim=-1)
 
 
 class ClinicalEncoder(nn.Module):
