@@ -124,13 +124,14 @@ def site_name(index: int) -> str:
     return f"site_{letters}" if index < 26 else f"site_z{letters}"
 
 
-def site_specs(cfg: FedmskConfig) -> list[SiteSpec]:
-    """Per-site settings: cfg.synth lists cycled over the sites, scanners from a fixed palette."""
+def site_settings(cfg: FedmskConfig) -> list[tuple[int, int, float, float]]:
+    """(index, patients, prevalence, missing rate) of every synthetic site, cfg.synth's lists
+    cycled over the sites and checked; every task's generator starts from these."""
     s = cfg.synth
     for field_name in ("patients_per_site", "prevalence", "missing_rate"):
         if not getattr(s, field_name):
             raise ConfigError(f"config 'synth.{field_name}' is empty; give at least one value (cycled over sites)")
-    specs = []
+    out = []
     for i in range(cfg.num_sites):
         n = s.patients_per_site[i % len(s.patients_per_site)]
         prev = s.prevalence[i % len(s.prevalence)]
@@ -141,6 +142,15 @@ def site_specs(cfg: FedmskConfig) -> list[SiteSpec]:
             raise ConfigError(f"config 'synth.prevalence' has {prev}; each value must be strictly between 0 and 1")
         if not 0.0 <= miss < 1.0:
             raise ConfigError(f"config 'synth.missing_rate' has {miss}; each value must be in [0, 1)")
+        out.append((i, n, prev, miss))
+    return out
+
+
+def site_specs(cfg: FedmskConfig) -> list[SiteSpec]:
+    """Per-site settings: cfg.synth lists cycled over the sites, scanners from a fixed palette."""
+    s = cfg.synth
+    specs = []
+    for i, n, prev, miss in site_settings(cfg):
         rng = np.random.default_rng([cfg.seed, i, 7])
         specs.append(
             SiteSpec(

@@ -47,7 +47,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import gaussian_filter
 
 from shared.config import ConfigError, FedmskConfig
-from simulation.synth import MARKER, ORACLE_FILE, _prepare_root, site_name
+from simulation.synth import MARKER, ORACLE_FILE, _prepare_root, site_name, site_settings
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -111,16 +111,7 @@ def genant_grade(loss: np.ndarray | float) -> np.ndarray:
 def site_specs(cfg: FedmskConfig) -> list[CTSiteSpec]:
     s = cfg.synth
     specs = []
-    for i in range(cfg.num_sites):
-        n = s.patients_per_site[i % len(s.patients_per_site)]
-        prev = s.prevalence[i % len(s.prevalence)]
-        miss = s.missing_rate[i % len(s.missing_rate)]
-        if n < 10:
-            raise ConfigError(f"config 'synth.patients_per_site' has {n}; a synthetic site needs at least 10 patients")
-        if not 0.0 < prev < 1.0:
-            raise ConfigError(f"config 'synth.prevalence' has {prev}; each value must be strictly between 0 and 1")
-        if not 0.0 <= miss < 1.0:
-            raise ConfigError(f"config 'synth.missing_rate' has {miss}; each value must be in [0, 1)")
+    for i, n, prev, miss in site_settings(cfg):
         rng = np.random.default_rng([cfg.seed, i, 17])
         specs.append(CTSiteSpec(site_name(i), i, n, prev, miss, _SEX_SPELLINGS[i % 3], float(rng.normal(0, 2.5)),
                                 _SCANNERS[i % len(_SCANNERS)]))
