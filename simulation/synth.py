@@ -483,30 +483,43 @@ def total_steps(cfg: FedmskConfig) -> int:
 def write_federation(cfg: FedmskConfig, advance: Callable[[], None] | None = None) -> Path:
     """Write cfg.num_sites synthetic sites + oracle.csv + README.txt under cfg.data_root.
 
-    Deterministic in cfg.seed (same seed: identical CSVs and DICOM files). The new federation
-    is written beside data_root and swapped in at the end, so an interrupted run never leaves
-    a half-written federation where the old one was. ``advance`` is called once per image.
+    Deterministic in cfg.seed (same seed: identical CSVs and DICOM files). ``advance`` is
+    called once per image.
     """
-    root = Path(cfg.data_root).resolve()
     specs = site_specs(cfg)
+
+    def write(tmp: Path) -> tuple[str, str]:
+        oracle: list[tuple[str, str, float, int]] = []
+        for spec in specs:
+            oracle += _write_site(tmp, spec, cfg, advance or (lambda: None))
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["site", "patient_id", "latent_score", "label"])
+        for site, pid, score, label in oracle:
+            w.writerow([site, pid, f"{score:.6f}", label])
+        return buf.getvalue(), _readme(cfg, specs)
+
+    return publish_federation(Path(cfg.data_root), write, f"seed {cfg.seed}")
+
+
+def publish_federation(data_root: Path, write: Callable[[Path], tuple[str, str]], what: str) -> Path:
+    """Write a federation beside ``data_root`` and swap it in at the end, so an interrupted
+    run never leaves a half-written federation where the old one was (every task's generator).
+
+    ``write(tmp)`` writes the site folders under ``tmp`` and returns (oracle.csv text, README.txt
+    text); the marker file records ``what`` and the oracle's hash.
+    """
+    root = data_root.resolve()
     _prepare_root(root)
     tmp = root.with_name(root.name + ".synth-tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    step = advance or (lambda: None)
-    oracle: list[tuple[str, str, float, int]] = []
-    for spec in specs:
-        oracle += _write_site(tmp, spec, cfg, step)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["site", "patient_id", "latent_score", "label"])
-    for site, pid, score, label in oracle:
-        w.writerow([site, pid, f"{score:.6f}", label])
-    (tmp / ORACLE_FILE).write_text(buf.getvalue())
-    (tmp / "README.txt").write_text(_readme(cfg, specs))
-    digest = hashlib.sha256(buf.getvalue().encode()).hexdigest()[:16]
-    (tmp / MARKER).write_text(f"written by fedmsk synth, seed {cfg.seed}, oracle sha256 {digest}\n")
+    oracle_text, readme = write(tmp)
+    (tmp / ORACLE_FILE).write_text(oracle_text)
+    (tmp / "README.txt").write_text(readme)
+    digest = hashlib.sha256(oracle_text.encode()).hexdigest()[:16]
+    (tmp / MARKER).write_text(f"written by fedmsk synth, {what}, oracle sha256 {digest}\n")
     if root.exists():
         shutil.rmtree(root)
     tmp.rename(root)

@@ -29,16 +29,14 @@ missing slice (a gap in the positions).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import shutil
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
@@ -47,7 +45,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import gaussian_filter
 
 from shared.config import ConfigError, FedmskConfig
-from simulation.synth import MARKER, ORACLE_FILE, _prepare_root, site_name, site_settings
+from simulation.synth import publish_federation, site_name, site_settings
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -470,25 +468,16 @@ def describe(cfg: FedmskConfig) -> tuple[list[str], list[list[str]]]:
 
 def write_federation(cfg: FedmskConfig, advance: Callable[[], None] | None = None) -> Path:
     """Write cfg.num_sites CT sites + oracle.csv + README.txt under cfg.data_root (swapped in at the end)."""
-    root = Path(cfg.data_root).resolve()
     specs = site_specs(cfg)
-    _prepare_root(root)
-    tmp = root.with_name(root.name + ".synth-tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    oracle: list[dict[str, str]] = []
-    for spec in specs:
-        oracle += _write_site(tmp, spec, cfg, advance or (lambda: None))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(oracle[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(oracle)
-    (tmp / ORACLE_FILE).write_text(buf.getvalue())
-    (tmp / "README.txt").write_text(_readme(cfg, specs))
-    digest = hashlib.sha256(buf.getvalue().encode()).hexdigest()[:16]
-    (tmp / MARKER).write_text(f"written by fedmsk synth (task {cfg.task.name}), seed {cfg.seed}, oracle sha256 {digest}\n")
-    if root.exists():
-        shutil.rmtree(root)
-    tmp.rename(root)
-    return root
+
+    def write(tmp: Path) -> tuple[str, str]:
+        oracle: list[dict[str, str]] = []
+        for spec in specs:
+            oracle += _write_site(tmp, spec, cfg, advance or (lambda: None))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(oracle[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(oracle)
+        return buf.getvalue(), _readme(cfg, specs)
+
+    return publish_federation(Path(cfg.data_root), write, f"task {cfg.task.name}, seed {cfg.seed}")
