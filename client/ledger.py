@@ -75,6 +75,9 @@ class RunPlan:
     # what the run started from (shared.provenance.init_line): random init or public weights; the
     # private data of every step booked here are this site's training split
     init: str = "random init"
+    # what the steps trained (shared.ssl.objective_label): "supervised", or a pretraining objective such as
+    # "pretrain:ssl/simsiam"; epsilon spent per objective is read from the rounds of the runs with each
+    objective: str = "supervised"
 
 
 @dataclass
@@ -158,3 +161,23 @@ class PrivacyLedger:
 
     def steps_taken(self) -> int:
         return sum(n for _, _, n in self.history)
+
+    def release_totals(self) -> dict[str, dict[str, Any]]:
+        """Epsilon spent on each evaluation split's released counts, from the entries client.release booked.
+
+        The val and test patients are disjoint from the training patients (and from each other), so
+        their spend is not part of DP-SGD's epsilon and is reported per split. An entry's
+        ``epsilon_split_total`` is already the composed cost of that split's releases under its
+        mechanism (Laplace added, Gaussian under RDP); releases of one split under different
+        mechanisms (a policy changed between runs) are added, basic composition being an upper bound.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for r in self.releases:
+            split = out.setdefault(r.split, {"releases": 0, "by_mechanism": {}, "delta": 0.0})
+            split["releases"] += 1
+            split["by_mechanism"][r.mechanism] = r.epsilon_split_total
+            if r.mechanism == "gaussian":  # Laplace releases are pure epsilon-DP
+                split["delta"] = max(split["delta"], r.delta)
+        for split in out.values():
+            split["epsilon"] = sum(split["by_mechanism"].values())
+        return out

@@ -97,6 +97,9 @@ class TaskConfig:
     hu_window: list[float] | None = None
     crop: str = "center"
     bone_hu: float = 250.0
+    # segmentation labels of optional per-patient masks (shared/masks.py), in label-value order 1..K;
+    # empty: the task reads no masks. Set: every input gets K+1 one-hot mask channels (zeros without a mask)
+    mask_labels: list[str] = field(default_factory=list)
 
 
 @dataclass

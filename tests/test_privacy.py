@@ -261,3 +261,36 @@ def test_client_level_dp_noise_meets_its_target() -> None:
     assert client_level_epsilon(sigma, 1e-3, 10) > 8.0  # more rounds than planned overspend
     wrapped = with_client_level_dp(FedAvg(), noise_multiplier=sigma, clipping_norm=1.0, num_sites=5)
     assert isinstance(wrapped, DifferentialPrivacyServerSideFixedClipping) and wrapped.noise_multiplier == sigma
+
+
+def test_privacy_cli_lists_the_noised_releases_beside_training(trained_site: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.main import main
+    from client.release import release_counts
+
+    site = copy_of(trained_site, tmp_path)
+    laplace = PrivacyConfig(enabled=True, release_noise="laplace", release_epsilon=0.5, release_budget=10.0)
+    gaussian = PrivacyConfig(enabled=True, release_noise="gaussian", release_epsilon=0.5, release_budget=10.0)
+    counts = {"tp": 5.0, "fp": 2.0, "tn": 10.0, "fn": 3.0, "num-examples": 20.0, "loss": 0.4}
+    for policy, rnd, split in [(laplace, 1, "val"), (laplace, 2, "val"), (laplace, 2, "test"), (gaussian, 3, "test")]:
+        release_counts(counts, policy, PrivacyLedger.load(site), run_id="run-a", rnd=rnd, split=split, n_classes=2)
+    assert main(["privacy", str(site), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["runs"][0]["run_id"] == "run-a"  # the training entries are still there
+    rel = report["releases"]
+    assert [(e["round"], e["split"], e["mechanism"]) for e in rel["entries"]] == [
+        (1, "val", "laplace"), (2, "val", "laplace"), (2, "test", "laplace"), (3, "test", "gaussian")]
+    assert rel["splits"]["val"]["epsilon"] == pytest.approx(1.0)  # two Laplace releases at 0.5 add up
+    assert rel["splits"]["val"]["delta"] == 0.0  # Laplace is pure epsilon-DP
+    gauss = rel["entries"][-1]["epsilon_split_total"]
+    assert rel["splits"]["test"]["epsilon"] == pytest.approx(0.5 + gauss) and gauss > 0  # mechanisms added
+    assert main(["privacy", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert "run-a" in out and "left" in out  # training spend first,
+    assert "released evaluation counts" in out and "split val: 2 releases, epsilon spent 1.000" in out  # then releases
+    only = tmp_path / "release-only"  # a site that noises its reports but never trained under DP
+    only.mkdir()
+    release_counts(counts, laplace, PrivacyLedger.load(only), run_id="r", rnd=1, split="test", n_classes=2)
+    assert main(["privacy", str(only)]) == 0
+    out = capsys.readouterr().out
+    assert "DP-SGD never ran" in out and "split test: 1 releases, epsilon spent 0.500" in out
