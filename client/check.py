@@ -21,6 +21,7 @@ from rich.table import Table
 
 from shared.config import TaskConfig
 from shared.dicom import syntax_name
+from shared.masks import mask_line
 from shared.records import RecordIssue
 from shared.sitedata import SiteData, load_site
 
@@ -61,6 +62,7 @@ def summarise(site: SiteData, task: TaskConfig) -> dict[str, Any]:
         "transfer_syntaxes": dict(Counter(syntax_name(h["transfer_syntax"]) for h in headers).most_common()),
         "clinical_problem": site.clinical_problem,
         "missing_values_by_column": {col: sum(by.values()) for col, by in site.clinical_missing.items()},
+        "masks": site.masks,  # task.mask_labels set: files/found/missing/unreadable/shape_mismatch/bad_labels
     }
 
 
@@ -106,6 +108,8 @@ def _print_summary(console: Console, site: SiteData, summary: dict[str, Any], ta
     table.add_row("unusable files", counts(summary["files_by_reason"]))
     table.add_row("notes (kept)", counts(summary["notes_by_reason"]))
     table.add_row("missing clinical values", missing_line(site, task))
+    if task.mask_labels:
+        table.add_row("masks", mask_line(site.masks))
     table.add_row("files read", str(summary["files_read"]))
     table.add_row("image sizes", counts(summary["image_sizes"]))
     table.add_row("pixel spacing (mm)", counts(summary["pixel_spacings_mm"]))

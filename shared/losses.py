@@ -150,6 +150,38 @@ class ViewContrast(_BankContrast):
         return self.contrast(views[:, 0], views[:, 1])
 
 
+class Segmentation(AuxLoss):
+    """Cross-entropy + Dice (MONAI) of every segmentation decoder against the site's mask, per patient.
+
+    The mask rides in the input's extra channels (shared.masks) and the model hands it back as
+    ``seg_target`` (one-hot, soft after augmentation, all zero where no one annotated). A pixel
+    counts where its one-hot sums to > 0.5, and a patient without any annotated pixel contributes
+    exactly zero, so sites without masks train the classifier alone. Each patient's term depends
+    on that patient only (per-sample, DP-safe); the batch mean keeps Opacus' mean reduction.
+    """
+
+    needs = frozenset({"seg_logits", "seg_target"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.dice = DiceLoss(include_background=False, reduction="none")  # batch=False: one Dice per patient and class
+
+    def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        logits, target = outputs["seg_logits"], outputs["seg_target"]  # [B, D, C, *sp], [B, C, *sp]
+        weight = (target.sum(dim=1) > 0.5).float()  # [B, *sp]: annotated pixels
+        n_pixels = weight.flatten(1).sum(dim=1)
+        hard = target.argmax(dim=1)
+        onehot = F.one_hot(hard, target.shape[1]).movedim(-1, 1).float() * weight[:, None]
+        terms = []
+        for d in range(logits.shape[1]):
+            ce = (F.cross_entropy(logits[:, d], hard, reduction="none") * weight).flatten(1).sum(dim=1) / n_pixels.clamp_min(1.0)
+            prob = torch.softmax(logits[:, d], dim=1) * weight[:, None]
+            terms.append(ce + self.dice(prob, onehot).flatten(1).mean(dim=1))
+        return (torch.stack(terms).mean(dim=0) * (n_pixels > 0).float()).mean()
+
+
 AUX_LOSSES: dict[str, type[AuxLoss]] = {
     "none": NoAux,
     "supcon": SupCon,
@@ -157,6 +189,7 @@ AUX_LOSSES: dict[str, type[AuxLoss]] = {
     "prototype": Prototype,
     "infonce_bank": InfoNCEBank,
     "views": ViewContrast,
+    "segmentation": Segmentation,
 }
 DP_SAFE_AUX = sorted(k for k, v in AUX_LOSSES.items() if not v.couples_batch)
 

@@ -52,6 +52,13 @@ REASONS: dict[str, str] = {
     "series_inconsistent_size": "re-export the series: its slices differ in Rows/Columns/PixelSpacing",
     "series_too_few_slices": "export a volume series with at least 2 slices",
     "series_no_geometry": "export ImagePositionPatient/ImageOrientationPatient, needed to order slices",
+    # segmentation masks (optional, masks/<patient_id>.png|.npy|.dcm; shared/masks.py): the patient is kept without one
+    "mask_missing": "nothing if intended (the patient trains without a mask); to add one, write masks/<patient_id>.png",
+    "mask_unreadable": "re-export the mask as a label PNG, a .npy label array or a DICOM SEG (see the README data contract)",
+    "mask_shape_mismatch": "export the mask at the image's matrix (Rows x Columns of the DICOM it annotates)",
+    "mask_bad_labels": "use the label values 0 (background) and 1..K in the order of task.mask_labels",
+    "mask_without_patient": "name the mask file after a patient_id in clinical.csv, or remove it",
+    "mask_duplicate": "keep one mask per patient (one of .png, .npy, .dcm)",
 }
 
 

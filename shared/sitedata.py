@@ -27,6 +27,7 @@ from shared.dicom import DicomError, clip, read_header, read_image
 from shared.records import RecordIssue, issue
 from shared.series import group_by_series, order_slices, read_volume
 from shared.enhanced_ct import is_enhanced
+from shared.masks import SiteMasks, mask_channels
 from shared.transforms import preprocess, preprocessing_key, train_augmentation
 
 if TYPE_CHECKING:  # torch and MONAI are imported where they run (datasets, CT volumes): a 2D check needs neither
@@ -56,6 +57,7 @@ class SiteData:
     cache_note: str = ""  # why the preprocessing cache was not used, if it was not
     clinical_problem: str = ""  # why clinical.csv as a whole is unusable (the check says this first)
     clinical_missing: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> {as written: cells}
+    masks: dict[str, int] = field(default_factory=dict)  # task.mask_labels set: found/missing/unreadable/... counts (shared.masks)
 
 
 def image_files(root: Path) -> list[Path]:
@@ -286,6 +288,7 @@ def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None 
     table = read_table(root / "clinical.csv", task)
     loader.issues.extend(table.issues)
     by_patient = loader.scan()
+    masks = SiteMasks(root, task) if task.mask_labels else None  # optional masks/ folder: extra input channels
 
     reported = {i.patient_id for i in table.issues if i.patient_id}
     for pid, files in sorted(by_patient.items()):
@@ -313,18 +316,22 @@ def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None 
                                        f"no readable DICOM with PatientID '{row.patient_id}'"))
             continue
         for array, rel in loader.select(row.patient_id, files):
+            if masks is not None:
+                array = np.concatenate([array, masks.channels(row.patient_id, loader.headers[rel])])
             ids.append(row.patient_id)
             images.append(array)
             raw.append(row.values)
             labels.append(-1 if row.label is None else row.label)
             sources.append(rel)
 
+    if masks is not None:
+        loader.issues.extend(masks.finish(set(table.rows)))
     size = tuple(task.image_size)
     return SiteData(
         name=root.name,
         root=root,
         patient_ids=ids,
-        images=np.stack(images).astype(np.float32) if images else np.zeros((0, 1, *size), np.float32),
+        images=np.stack(images).astype(np.float32) if images else np.zeros((0, 1 + mask_channels(task), *size), np.float32),
         clinical_raw=np.stack(raw).astype(np.float32) if raw else np.zeros((0, len(task.columns)), np.float32),
         labels=np.asarray(labels, dtype=np.int64),
         issues=loader.issues,
@@ -333,6 +340,7 @@ def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None 
         cache_note=loader.cache.disabled_reason,
         clinical_problem=table.problem,
         clinical_missing=table.missing,
+        masks=dict(masks.counts) if masks is not None else {},
     )
 
 

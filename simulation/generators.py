@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shared.config import ConfigError, FedmskConfig
 from simulation import synth, synth_ct
+from simulation import synth_hand
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,13 @@ def _describe_radiographs(cfg: FedmskConfig) -> tuple[list[str], list[list[str]]
 
 _RADIOGRAPHS = Generator("drawing radiographs", synth.write_federation, synth.total_steps, _describe_radiographs)
 _CT = Generator("drawing CT series", synth_ct.write_federation, synth_ct.total_steps, synth_ct.describe)
+_HAND = Generator("drawing hand radiographs", synth_hand.write_federation, synth_hand.total_steps, synth_hand.describe)
 
 GENERATORS: dict[str, Generator] = {
     "sarcopenia": _RADIOGRAPHS,
     "vertebral_fracture": _CT,
     "vertebral_fracture_binary": _CT,  # same hospitals; the grade is mapped to yes/no at loading
+    "osteoporosis_hand": _HAND,
 }
 
 

@@ -28,6 +28,7 @@ CASES = [
     ("late_fusion", "prototype"),
     ("fracture3d", "supcon"),
     ("fracture3d", "prototype"),
+    ("segclass", "segmentation"),
 ]
 
 

@@ -21,6 +21,7 @@ from shared.models.clinical import ClinicalOnly, LogReg
 from shared.models.fracture3d import Fracture3D
 from shared.models.late_fusion import LateFusion
 from shared.models.mmcl import MMCL, ImageOnly
+from shared.models.segclass import SegClass
 from shared.models.spec import ModelSpec
 
 MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
@@ -30,6 +31,7 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "logreg": LogReg,
     "late_fusion": LateFusion,
     "fracture3d": Fracture3D,
+    "segclass": SegClass,
 }
 
 
@@ -60,6 +62,7 @@ def model_spec(cfg: FedmskConfig, n_clinical: int | None = None) -> ModelSpec:
         n_classes=len(cfg.task.classes),
         n_clinical=n_clinical,
         outputs=needs,
+        mask_labels=tuple(cfg.task.mask_labels),
     )
 
 
@@ -73,9 +76,16 @@ def build_model(cfg: FedmskConfig, n_clinical: int | None = None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = MODELS[cfg.model.name](spec)
+    if spec.mask_labels and not getattr(model, "reads_masks", False):
+        model.register_forward_pre_hook(_image_channel_only)  # the mask channels are a training target, not an input
     if cfg.model.pretrained_path:
         load_pretrained(model, Path(cfg.model.pretrained_path), cfg.model.name)
     return model
+
+
+def _image_channel_only(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: a model that does not read masks sees only the image channel (shared.masks)."""
+    return (args[0][:, :1], *args[1:])
 
 
 def load_pretrained(model: nn.Module, path: Path, name: str) -> None:

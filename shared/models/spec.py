@@ -25,6 +25,7 @@ class ModelSpec:
     n_classes: int
     n_clinical: int
     in_channels: int = 1
+    mask_labels: tuple[str, ...] = ()  # task.mask_labels: the input then carries K+1 mask channels after the image
     outputs: frozenset[str] = field(default_factory=frozenset)
 
 
