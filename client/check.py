@@ -41,13 +41,15 @@ class CheckResult:
 def summarise(site: SiteData, task: TaskConfig) -> dict[str, Any]:
     """The figures the operator needs, from the loaded site alone (no patient-level data)."""
     usable = set(site.patient_ids)
+    labelled = {pid for pid, y in zip(site.patient_ids, site.labels) if y >= 0}
     dropped = [i for i in site.issues if not i.kept]
     patients_by_reason = Counter()
     for reason in {i.reason for i in dropped if i.patient_id}:
         patients_by_reason[reason] = len({i.patient_id for i in dropped if i.reason == reason and i.patient_id not in usable})
     headers = site.headers.values()
     return {
-        "usable_patients": len(usable),
+        "usable_patients": len(labelled),  # labelled: what task.min_usable counts
+        "unlabelled_patients": len(usable - labelled),  # usable images + clinical row, empty label: pretraining only
         "input_rows": len(site.patient_ids),
         "unusable_patients_by_reason": {k: v for k, v in patients_by_reason.most_common() if v},
         "files_by_reason": dict(Counter(i.reason for i in dropped if not i.patient_id).most_common()),
@@ -101,8 +103,9 @@ def _print_summary(console: Console, site: SiteData, summary: dict[str, Any], ta
         return ", ".join(f"{k}: {v}" for k, v in d.items()) or "-"
 
     rows = summary["input_rows"]
-    table.add_row("usable patients", f"{summary['usable_patients']} (min_usable {task.min_usable})"
-                  + (f", {rows} inputs" if rows != summary["usable_patients"] else ""))
+    table.add_row("usable patients", f"{summary['usable_patients']} labelled (min_usable {task.min_usable}), "
+                  f"{summary['unlabelled_patients']} unlabelled (pretraining only)"
+                  + (f", {rows} inputs" if rows != summary["usable_patients"] + summary["unlabelled_patients"] else ""))
     table.add_row("label balance", counts(dict(zip(task.class_names or summary["label_balance"], summary["label_balance"].values()))))
     table.add_row("unusable patients", counts(summary["unusable_patients_by_reason"]))
     table.add_row("unusable files", counts(summary["files_by_reason"]))
@@ -135,7 +138,8 @@ def check_site(site_dir: str | Path, task: TaskConfig, console: Console | None =
                 tasks[stage] = bar.add_task(_STAGES.get(stage, stage), total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
-        site = load_site(root, task, progress=progress, use_cache=use_cache, verify_all=True)
+        # unlabelled patients too: their records are checked like the others and counted apart
+        site = load_site(root, task, progress=progress, use_cache=use_cache, verify_all=True, labelled_only=False)
     summary = summarise(site, task)
     report = root / REPORT_NAME
     write_report(site.issues, report)

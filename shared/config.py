@@ -82,7 +82,10 @@ class TaskConfig:
     spacing_mm: float | None = None
     image_select: str = "first"  # first | all | series_description
     series_description: str | None = None
-    min_usable: int = 20
+    min_usable: int = 20  # usable *labelled* patients `fedmsk check` asks for
+    # fraction (0, 1] of each site's training patients whose label supervised training uses (stratified,
+    # the site's split seed; the rest act as unlabelled; val/test untouched): shared.sitedata.site_splits
+    label_fraction: float = 1.0
     split: SplitConfig = field(default_factory=SplitConfig)
     augment: bool = True
     columns: list[ColumnSpec] = field(default_factory=list)
@@ -211,6 +214,7 @@ class SynthConfig:
     missing_rate: list[float] = field(default_factory=lambda: [0.02, 0.1, 0.05])
     image_signal: float = 1.0  # weight of the image-only muscle term in the latent score
     clinical_signal: float = 1.0  # weight of what the clinical table explains
+    unlabelled_fraction: float = 0.0  # share of each site's patients written with an empty label (for pretraining)
 
 
 @dataclass
@@ -278,6 +282,11 @@ def validate(cfg: FedmskConfig) -> None:
         raise ConfigError("config 'num_sites' and 'rounds' must be at least 1")
     if not 0 < cfg.task.split.val + cfg.task.split.test < 1:
         raise ConfigError("config 'task.split': val + test must be between 0 and 1 (the rest trains)")
+    if not 0.0 < cfg.task.label_fraction <= 1.0:
+        raise ConfigError(f"config 'task.label_fraction' is {cfg.task.label_fraction}; use a fraction in (0, 1] of the "
+                          f"training patients whose label is used (1 = all)")
+    if not 0.0 <= cfg.synth.unlabelled_fraction < 1.0:
+        raise ConfigError(f"config 'synth.unlabelled_fraction' is {cfg.synth.unlabelled_fraction}; use a value in [0, 1)")
     if not 0.0 < cfg.task.target_sensitivity <= 1.0:
         raise ConfigError(f"config 'task.target_sensitivity' is {cfg.task.target_sensitivity}; use a value in (0, 1]")
     if len(cfg.task.classes) < 2:

@@ -24,7 +24,6 @@ REASONS: dict[str, str] = {
     "unknown_category": "use one of the spellings the task config accepts for this column",
     "duplicate_patient_conflict": "keep one row per patient_id; these rows disagree, so neither is used",
     "duplicate_patient_identical": "remove the repeated row (identical copies: one is used)",
-    "unlabelled": "nothing if intended: patients without a label are not used for supervised training",
     "label_not_in_classes": "use one of the task's class labels in the label column",
     # linking
     "patient_without_image": "export this patient's image into images/ or list it in manifest.csv",

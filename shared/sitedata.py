@@ -3,7 +3,8 @@
 ``load_site`` reads a site folder (clinical.csv + images/ + optional manifest.csv), links rows
 to images by the DICOM PatientID tag (or the manifest), picks the images the task asks for
 (``task.image_select``), decodes and preprocesses them through the site's content-keyed cache,
-and keeps only usable labelled patients. Everything else is a ``RecordIssue`` with file, reason
+and keeps usable labelled patients (unlabelled ones too when asked: they are counted, never an
+issue). Everything else is a ``RecordIssue`` with file, reason
 and what to do; no record makes it crash. ``split_indices`` and ``make_datasets`` turn the arrays
 into train/val/test datasets whose clinical scaling is fitted on the training split only.
 """
@@ -33,7 +34,8 @@ from shared.transforms import preprocess, preprocessing_key, train_augmentation
 if TYPE_CHECKING:  # torch and MONAI are imported where they run (datasets, CT volumes): a 2D check needs neither
     import torch
 
-__all__ = ["RecordIssue", "SiteData", "load_site", "split_indices", "make_datasets", "image_files"]
+__all__ = ["RecordIssue", "SiteData", "load_site", "split_indices", "label_subset", "site_splits", "make_datasets",
+           "image_files"]
 
 # progress(stage, done, total): stage is "headers" (reading every file's tags) or "images" (decoding)
 Progress = Callable[[str, int, int], None]
@@ -58,6 +60,9 @@ class SiteData:
     clinical_problem: str = ""  # why clinical.csv as a whole is unusable (the check says this first)
     clinical_missing: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> {as written: cells}
     masks: dict[str, int] = field(default_factory=dict)  # task.mask_labels set: found/missing/unreadable/... counts (shared.masks)
+    # clinical rows with an empty label that ``labelled_only`` left out (not decoded, not an issue:
+    # unlabelled patients are data for pretraining, not errors); with labelled_only=False they are rows, label -1
+    unlabelled: int = 0
 
 
 def image_files(root: Path) -> list[Path]:
@@ -277,8 +282,8 @@ def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None 
               verify_all: bool = False, labelled_only: bool = True) -> SiteData:
     """Read, validate, link and decode one site; unusable records become issues, never exceptions.
 
-    ``labelled_only=False`` (scoring new patients, `fedmsk predict`) keeps unlabelled patients
-    too, with label -1.
+    ``labelled_only=False`` (scoring new patients, `fedmsk predict`; `fedmsk check`; pretraining)
+    keeps unlabelled patients too, with label -1; with True they are only counted (``unlabelled``).
 
     ``verify_all`` also decodes the images the task does not select (for `fedmsk check`), so a
     broken file is found before it is the one a changed image_select would pick.
@@ -304,11 +309,12 @@ def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None 
     labels: list[int] = []
     sources: list[str] = []
     rows = list(table.rows.values())
+    unlabelled = 0
     for n, row in enumerate(rows, start=1):
         if progress:
             progress("images", n, len(rows))
         if row.label is None and labelled_only:
-            loader.issues.append(issue("unlabelled", row.patient_id, f"clinical.csv:{row.line}"))
+            unlabelled += 1
             continue
         files = by_patient.get(row.patient_id)
         if not files:
@@ -341,6 +347,7 @@ def load_site(site_dir: str | Path, task: TaskConfig, progress: Progress | None 
         clinical_problem=table.problem,
         clinical_missing=table.missing,
         masks=dict(masks.counts) if masks is not None else {},
+        unlabelled=unlabelled,
     )
 
 
@@ -372,24 +379,77 @@ def split_indices(labels: np.ndarray, split_cfg: SplitConfig, seed: int,
             for name in ("train", "val", "test")}
 
 
-def make_datasets(site: SiteData, task: TaskConfig, seed: int, *, private: bool = False) -> dict[str, torch.utils.data.Dataset]:
+_LABEL_STREAM = 0x1AB31  # label_subset's random stream beside split_indices' (same seed, independent draws)
+
+
+def label_subset(labels: np.ndarray, fraction: float, seed: int, groups: Sequence[str] | None = None) -> np.ndarray:
+    """Positions (into ``labels``) of the training rows whose label supervised training uses.
+
+    ``task.label_fraction``: per class, max(1, round(n * fraction)) patients keep their label, the
+    first of one seeded permutation per class, so for one seed the 10 % patients are among the
+    25 % ones (label-fraction tables compare nested subsets, not different draws). Groups
+    (patient ids) keep a patient's rows together, as in ``split_indices``.
+    """
+    if fraction >= 1.0:
+        return np.arange(len(labels), dtype=np.int64)
+    group_of = [str(g) for g in groups] if groups is not None else [str(i) for i in range(len(labels))]
+    group_label: dict[str, int] = {}
+    for g, y in zip(group_of, labels):
+        group_label.setdefault(g, int(y))
+    rng = np.random.default_rng([seed, _LABEL_STREAM])
+    kept: set[str] = set()
+    for cls in sorted(set(group_label.values())):
+        members = [g for g, y in group_label.items() if y == cls]
+        k = max(1, round(len(members) * fraction))
+        kept.update(members[i] for i in rng.permutation(len(members))[:k])
+    return np.array([i for i, g in enumerate(group_of) if g in kept], dtype=np.int64)
+
+
+def site_splits(site: SiteData, task: TaskConfig, seed: int) -> dict[str, np.ndarray]:
+    """Row indices of train / val / test / unlabelled at one site.
+
+    Only labelled rows are split (``split_indices`` over them in load order), so val and test are
+    the same patients whether or not the site also holds unlabelled ones. ``task.label_fraction``
+    then keeps the labels of that fraction of the training patients (``label_subset``); the other
+    training patients join "unlabelled" (with the patients whose label is empty): supervised
+    training never sees them, pretraining may. Val and test are never touched.
+    """
+    labelled = np.flatnonzero(site.labels >= 0)
+    ids = [site.patient_ids[i] for i in labelled]
+    split = {k: labelled[v] for k, v in split_indices(site.labels[labelled], task.split, seed, groups=ids).items()}
+    train = split["train"]
+    keep = train[label_subset(site.labels[train], task.label_fraction, seed, [site.patient_ids[i] for i in train])]
+    split["unlabelled"] = np.sort(np.concatenate([np.flatnonzero(site.labels < 0), np.setdiff1d(train, keep)]))
+    split["train"] = keep
+    split["train_all"] = train  # every training patient, labelled or held back (the clinical scaler's rows)
+    return split
+
+
+def make_datasets(site: SiteData, task: TaskConfig, seed: int, *, private: bool = False,
+                  unlabelled: bool = False) -> dict[str, torch.utils.data.Dataset]:
     """train/val/test datasets of {"image": [1,*size], "clinical": [n_clinical], "label": []}.
 
-    The clinical scaler sees only the training rows, or, with ``private`` (the site trains under
-    DP), no rows at all: the task's reference values (ClinicalScaler.from_reference), so one
-    patient's record never moves another's inputs. The training set alone is augmented.
+    The clinical scaler sees only the training rows (all training patients: their clinical values
+    carry no label), or, with ``private`` (the site trains under DP), no rows at all: the task's
+    reference values (ClinicalScaler.from_reference), so one patient's record never moves
+    another's inputs. The training set alone is augmented. ``train`` holds the labelled training
+    patients ``site_splits`` keeps (``task.label_fraction``); ``unlabelled=True`` adds an
+    "unlabelled" set (label -1, not augmented) of the rest, for pretraining.
     """
     import torch
     from monai.data import Dataset as MonaiDataset
 
-    split = split_indices(site.labels, task.split, seed, groups=site.patient_ids)
+    split = site_splits(site, task, seed)
+    train_all = split.pop("train_all")
     scaler = ClinicalScaler(task)
-    scaler = scaler.from_reference() if private else scaler.fit(site.clinical_raw[split["train"]])
+    scaler = scaler.from_reference() if private else scaler.fit(site.clinical_raw[train_all])
+    if not unlabelled:
+        split.pop("unlabelled")
     features = torch.from_numpy(scaler.transform(site.clinical_raw))
     out: dict[str, torch.utils.data.Dataset] = {}
     for name, idx in split.items():
         items = [{"image": torch.from_numpy(site.images[i]), "clinical": features[i],
-                  "label": torch.tensor(int(site.labels[i]), dtype=torch.long)} for i in idx]
+                  "label": torch.tensor(-1 if name == "unlabelled" else int(site.labels[i]), dtype=torch.long)} for i in idx]
         transform = train_augmentation(task, seed) if name == "train" and task.augment else None
         out[name] = MonaiDataset(items, transform=transform)
     return out

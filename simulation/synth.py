@@ -364,6 +364,7 @@ def _write_site(
     age = pop.age.copy()
     age[bad_age] = 150.0
 
+    no_label = _unlabelled_rows(cfg, spec, n)
     site_dir = root / spec.name
     (site_dir / "images").mkdir(parents=True)
     male, female = spec.sex_spelling
@@ -382,7 +383,7 @@ def _write_site(
                 _fmt(bmi[i], 1),
                 _fmt(grip[i], 1),
                 _fmt(gait[i], 2),
-                int(pop.label[i]),
+                "" if i in no_label else int(pop.label[i]),
             ]
         )
     (site_dir / "clinical.csv").write_text(buf.getvalue())
@@ -414,6 +415,16 @@ def _write_site(
         ds.save_as(folder / f"IM{study_order[i] + 1:05d}.dcm", enforce_file_format=True)
         advance()
     return [(spec.name, ids[i], float(pop.latent[i]), int(pop.label[i])) for i in range(n)]
+
+
+def _unlabelled_rows(cfg: FedmskConfig, spec: SiteSpec, n: int) -> set[int]:
+    """Rows written with an empty label (``synth.unlabelled_fraction``), drawn from their own random
+    stream so every other value of the site is the same draw as without them; oracle.csv keeps
+    their true label (training never reads it)."""
+    k = round(n * cfg.synth.unlabelled_fraction)
+    if k == 0:
+        return set()
+    return {int(i) for i in np.random.default_rng([cfg.seed, spec.index, 3]).choice(n, size=k, replace=False)}
 
 
 def _readme(cfg: FedmskConfig, specs: list[SiteSpec]) -> str:
@@ -456,6 +467,8 @@ def _readme(cfg: FedmskConfig, specs: list[SiteSpec]) -> str:
         "  - one clinical row with age 150 (outside the task's range; its image exists),",
         "  - one clinical row whose patient has no image,",
         "  - one image whose PatientID has no clinical row.",
+        f"Unlabelled patients: {cfg.synth.unlabelled_fraction:.0%} of each site's rows have an empty label "
+        "(synth.unlabelled_fraction; oracle.csv keeps their label).",
         "Missing values: gait_speed_m_s at the site's missing rate, grip_strength_kg at half of it,",
         "height_cm and weight_kg at min(0.03, rate/2) each (bmi is then empty too).",
         "",

@@ -65,7 +65,7 @@ def messy_site(tmp_path_factory):
     [("truncated", "trunc"), ("no_pixel_data", "nopix"), ("image_without_clinical_row", "wrong-id-typo"),
      ("patient_without_image", "wrongid"), ("zero_size_image", "zero"), ("missing_required_value", "nan"),
      ("unparseable_value", "garbage"), ("duplicate_patient_conflict", "dup"), ("duplicate_patient_identical", "same"),
-     ("unknown_category", "unk"), ("label_not_in_classes", "badlabel"), ("unlabelled", "nolabel"),
+     ("unknown_category", "unk"), ("label_not_in_classes", "badlabel"),
      ("not_dicom", "images/notes.txt"), ("not_dicom", "images/empty.dcm"), ("missing_patient_id", "clinical.csv:22")],
 )
 def test_each_malformed_record_gets_its_reason(messy_site, reason, record):
