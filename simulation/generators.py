@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.config import ConfigError, FedmskConfig
-from simulation import synth, synth_ct
+from simulation import synth, synth_chest, synth_ct
 from simulation import synth_hand
 
 
@@ -36,12 +36,14 @@ def _describe_radiographs(cfg: FedmskConfig) -> tuple[list[str], list[list[str]]
 _RADIOGRAPHS = Generator("drawing radiographs", synth.write_federation, synth.total_steps, _describe_radiographs)
 _CT = Generator("drawing CT series", synth_ct.write_federation, synth_ct.total_steps, synth_ct.describe)
 _HAND = Generator("drawing hand radiographs", synth_hand.write_federation, synth_hand.total_steps, synth_hand.describe)
+_CHEST = Generator("drawing chest radiographs", synth_chest.write_federation, synth_chest.total_steps, synth_chest.describe)
 
 GENERATORS: dict[str, Generator] = {
     "sarcopenia": _RADIOGRAPHS,
     "vertebral_fracture": _CT,
     "vertebral_fracture_binary": _CT,  # same hospitals; the grade is mapped to yes/no at loading
     "osteoporosis_hand": _HAND,
+    "osteoporosis_chest": _CHEST,
 }
 
 

@@ -29,6 +29,8 @@ CASES = [
     ("fracture3d", "supcon"),
     ("fracture3d", "prototype"),
     ("segclass", "segmentation"),
+    ("wavelet_fusion", "none"),
+    ("wavelet_fusion", "prototype"),
 ]
 
 

@@ -23,6 +23,7 @@ from shared.models.late_fusion import LateFusion
 from shared.models.mmcl import MMCL, ImageOnly
 from shared.models.segclass import SegClass
 from shared.models.spec import ModelSpec
+from shared.models.wavelet import WaveletFusion
 
 MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "mmcl": MMCL,
@@ -32,6 +33,7 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "late_fusion": LateFusion,
     "fracture3d": Fracture3D,
     "segclass": SegClass,
+    "wavelet_fusion": WaveletFusion,
 }
 
 
