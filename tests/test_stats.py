@@ -47,3 +47,30 @@ def test_delong_on_identical_models_and_bad_input():
         delong_test(y, a, a[:-1])
     with pytest.raises(ValueError, match="2 positives"):
         delong_test(np.zeros(10), np.arange(10), np.arange(10))
+
+
+def test_mcnemar_matches_published_tables():
+    from shared.stats import mcnemar, mcnemar_decisions
+
+    # Agresti, Categorical Data Analysis (2nd ed., table 10.1): approval of the Prime Minister in two
+    # surveys, 794 / 150 / 86 / 570; uncorrected z^2 = (150-86)^2/236 = 17.36, corrected 16.82, p < 0.001
+    big = mcnemar(150, 86)
+    assert not big.exact
+    assert big.statistic == pytest.approx((64 - 1) ** 2 / 236)
+    assert big.p == pytest.approx(4.11e-5, rel=0.01)
+    # exact binomial for few discordant pairs: b=1, c=9 -> p = 2 * P(X <= 1 | 10, 1/2) = 2 * 11 / 1024
+    small = mcnemar(1, 9)
+    assert small.exact and small.p == pytest.approx(22 / 1024)
+    assert mcnemar(5, 5).p == 1.0 and mcnemar(0, 0).p == 1.0
+    with pytest.raises(ValueError, match="b=-1"):
+        mcnemar(-1, 2)
+    # per-patient decisions: SEN counts only the positives, SPC only the negatives
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    a = np.array([1, 1, 1, 1, 0, 0, 0, 0])  # all right
+    b = np.array([0, 0, 0, 1, 0, 0, 0, 1])  # misses 3 positives, one false positive
+    res = mcnemar_decisions(y, a, b)
+    assert (res["acc"].b, res["acc"].c) == (4, 0)
+    assert (res["sen"].b, res["sen"].c) == (3, 0) and res["sen"].p == pytest.approx(0.25)
+    assert (res["spc"].b, res["spc"].c) == (1, 0)
+    with pytest.raises(ValueError, match="same patients"):
+        mcnemar_decisions(y, a, b[:-1])
