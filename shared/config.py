@@ -71,6 +71,17 @@ class SplitConfig:
 
 
 @dataclass
+class DadProfile:
+    """A domain's intensity profile for domain-adaptive denormalisation (shared.dad): public (from config)
+    or built by the server from the sites' DP-noised releases, never a site's raw statistics."""
+
+    name: str = MISSING
+    mean: float = MISSING  # mean intensity of the domain's preprocessed images, in [0, 1]
+    std: float = MISSING  # mean within-image standard deviation
+    source: str = "public"
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     modality: str = "xray2d"  # xray2d | ct3d
@@ -88,6 +99,11 @@ class TaskConfig:
     label_fraction: float = 1.0
     split: SplitConfig = field(default_factory=SplitConfig)
     augment: bool = True
+    # domain-adaptive denormalisation in the training augmentation (shared.dad): none | public (task.dad_profiles
+    # from config) | federated (profiles the server builds from the sites' DP-noised intensity releases)
+    augment_dad: str = "none"
+    dad_prob: float = 0.5  # share of training images re-styled each epoch
+    dad_profiles: list[DadProfile] = field(default_factory=list)
     columns: list[ColumnSpec] = field(default_factory=list)
     # threshold of the reported ACC/F1/SEN/SPC/PRE, chosen on the validation split (binary tasks):
     # youden (max SEN + SPC - 1) | sensitivity (highest threshold reaching target_sensitivity) | fixed (0.5)
@@ -240,6 +256,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "task.modality": ("xray2d", "ct3d"),
     "task.image_select": ("first", "all", "series_description"),
     "task.crop": ("center", "bone"),
+    "task.augment_dad": ("none", "public", "federated"),
     "privacy.accountant": ("prv", "rdp"),
     "task.operating_point": ("youden", "sensitivity", "fixed"),
     "model.fusion": ("attention", "gate"),
@@ -285,6 +302,14 @@ def validate(cfg: FedmskConfig) -> None:
     if not 0.0 < cfg.task.label_fraction <= 1.0:
         raise ConfigError(f"config 'task.label_fraction' is {cfg.task.label_fraction}; use a fraction in (0, 1] of the "
                           f"training patients whose label is used (1 = all)")
+    if not 0.0 <= cfg.task.dad_prob <= 1.0:
+        raise ConfigError(f"config 'task.dad_prob' is {cfg.task.dad_prob}; use a probability in [0, 1]")
+    for prof in cfg.task.dad_profiles:
+        if not (0.0 <= prof.mean <= 1.0 and 0.0 < prof.std <= 0.5):
+            raise ConfigError(f"config 'task.dad_profiles' entry '{prof.name}': mean must be in [0, 1] and std in (0, 0.5]")
+    if cfg.task.augment_dad == "public" and not cfg.task.dad_profiles:
+        raise ConfigError("config 'task.augment_dad' is 'public' but task.dad_profiles is empty; list public profiles "
+                          "(name, mean, std) or use augment_dad=federated")
     if not 0.0 <= cfg.synth.unlabelled_fraction < 1.0:
         raise ConfigError(f"config 'synth.unlabelled_fraction' is {cfg.synth.unlabelled_fraction}; use a value in [0, 1)")
     if not 0.0 < cfg.task.target_sensitivity <= 1.0:

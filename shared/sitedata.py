@@ -432,12 +432,16 @@ def make_datasets(site: SiteData, task: TaskConfig, seed: int, *, private: bool 
     The clinical scaler sees only the training rows (all training patients: their clinical values
     carry no label), or, with ``private`` (the site trains under DP), no rows at all: the task's
     reference values (ClinicalScaler.from_reference), so one patient's record never moves
-    another's inputs. The training set alone is augmented. ``train`` holds the labelled training
+    another's inputs. The training set alone is augmented (``task.augment_dad``: domain-adaptive
+    denormalisation first, towards public or DP-released profiles, shared.dad). ``train`` holds the labelled training
     patients ``site_splits`` keeps (``task.label_fraction``); ``unlabelled=True`` adds an
     "unlabelled" set (label -1, not augmented) of the rest, for pretraining.
     """
     import torch
     from monai.data import Dataset as MonaiDataset
+    from monai.transforms import Compose
+
+    from shared.dad import dad_transform
 
     split = site_splits(site, task, seed)
     train_all = split.pop("train_all")
@@ -451,5 +455,6 @@ def make_datasets(site: SiteData, task: TaskConfig, seed: int, *, private: bool 
         items = [{"image": torch.from_numpy(site.images[i]), "clinical": features[i],
                   "label": torch.tensor(-1 if name == "unlabelled" else int(site.labels[i]), dtype=torch.long)} for i in idx]
         transform = train_augmentation(task, seed) if name == "train" and task.augment else None
-        out[name] = MonaiDataset(items, transform=transform)
+        dad = dad_transform(task, site.name, seed) if transform is not None else None  # task.augment_dad (shared.dad)
+        out[name] = MonaiDataset(items, transform=transform if dad is None else Compose([dad, transform]))
     return out

@@ -1,0 +1,238 @@
+"""Label efficiency of pretraining: sarcopenia AUC at 10 %, 25 % and 100 % of each site's labels, from
+random init vs federated self-supervised (`fedmsk pretrain`, pretrain=ssl) vs federated cross-modal
+(pretrain=crossmodal) vs public (`fedmsk pretrain-public`) encoders, fine-tuned whole
+(``model.finetune=all``) or as a linear probe of the frozen encoders (``model.finetune=heads``),
+without DP and under the eps 8 preset, over seeds.
+
+Each cell is one federation run in process (the real ClientApp and round loop, without Ray; as
+bench/bench_dp.py) on a fresh copy of a small synthetic federation, scored on all sites' test
+patients pooled (exact AUC, oracle beside). ``task.label_fraction`` chooses the labelled training
+patients (stratified, nested: the 10 % are among the 25 %); val and test are the same in every cell.
+
+Encoders are shared across cells to keep the grid affordable on 2 cores: one public encoder (5 other
+synthetic hospitals, synth seed 50, supervised, no DP: public data), and per data seed and DP
+setting one federated SSL and one cross-modal encoder, pretrained on that federation's sites
+(labels unused). Under DP the pretraining runs under the eps 4 preset and the fine-tuning under eps
+8 on fresh ledgers, so the cell's patients have spent pretrain + fine-tune epsilon (both recorded).
+
+The goal (issue 14): with 10 % labels, pretraining recovers >= 90 % of the full-label AUC (random init,
+fine-tuned, 100 % labels, same DP setting).
+
+    python bench/bench_pretrain.py [--arms random,public,ssl,crossmodal] [--finetune all,heads]
+        [--fractions 0.1,0.25,1] [--epsilons none,8] [--seeds 0,1,2] [--out runs/bench-pretrain]
+
+Each finished cell is appended to bench/results/bench_pretrain.json at once (a partial grid is a
+result); a rerun skips the cells already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.inprocess_grid: the round loop without Ray
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from shared.config import compose
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# 5 sites of 180/140/100/160/120 patients (60 % train), 32x32 inputs, 4 rounds x 2 local epochs: small enough
+# for a few dozen cells on the loaded 2-core machine
+FEDERATION = ["num_sites=5", "rounds=4", "federation.local_epochs=2", "task.image_size=[32,32]", "synth.image_size=64"]
+MODEL = ["model=mmcl", "model.aux_loss=prototype"]  # the DP presets' aux loss in every cell: one model with and without DP
+PRESETS = {None: [], 8.0: ["privacy=eps8"]}
+PRETRAIN_DP = ["privacy=eps4"]  # a DP fine-tuning cell's encoder was pretrained on the same patients under eps 4
+PRETRAIN_ROUNDS = ["rounds=4"]
+
+
+def write_sites(root: Path, seed: int) -> Path:
+    from simulation.synth import write_federation
+
+    sites = root / f"sites-seed{seed}"
+    if not (sites / "oracle.csv").is_file():
+        write_federation(compose(FEDERATION + [f"seed={seed}", f"data_root={sites}"]))
+    return sites
+
+
+def _fresh(sites: Path, work: Path) -> Path:
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(sites, work / "sites")  # no ledger carries over between cells
+    return work / "sites"
+
+
+def _epsilon_max(folders: list[Path], delta: float, accountant: str) -> float:
+    from client.ledger import PrivacyLedger
+    from client.privacy import epsilon_of
+
+    spent = [epsilon_of(led.history, delta, accountant) if (led := PrivacyLedger.load(f)).history else 0.0 for f in folders]
+    return max(spent, default=0.0)
+
+
+def run_cell(sites: Path, work: Path, overrides: list[str]) -> dict:
+    """One federation in process on a fresh copy of ``sites``: pooled test AUC, oracle, epsilon spent."""
+    from client.site import list_sites
+    from server.federation import run_federation
+    from simulation.evaluation import load_federation, load_screener, pooled_test_metrics
+    from tests.inprocess_grid import InProcessGrid
+
+    data = _fresh(sites, work)
+    cfg = compose(FEDERATION + overrides + [f"data_root={data}", f"run_dir={work / 'run'}"])
+    folders = list_sites(cfg.data_root)
+    start = time.perf_counter()
+    arrays, _ = run_federation(InProcessGrid({100 + i: {"partition-id": i} for i in range(len(folders))}), cfg, work / "run")
+    pooled = pooled_test_metrics(load_screener(cfg, arrays.to_torch_state_dict()), cfg, load_federation(cfg, folders))
+    return {"test_auc": pooled["auc"], "oracle_auc": pooled["oracle_auc"],
+            "epsilon_max": _epsilon_max(folders, cfg.privacy.delta, cfg.privacy.accountant),
+            "seconds": time.perf_counter() - start}
+
+
+def public_encoder(out: Path) -> tuple[Path, float]:
+    """`fedmsk pretrain-public` on 5 other synthetic hospitals (synth seed 50): the data treated as public."""
+    from simulation.pretrain_public import WEIGHTS, pretrain_public
+
+    weights = out / "public" / WEIGHTS
+    if not weights.is_file():
+        public = out / "public-sites"
+        if not (public / "oracle.csv").is_file():
+            from simulation.synth import write_federation
+
+            write_federation(compose(FEDERATION + ["num_sites=5", "seed=50", f"data_root={public}"]))
+        pretrain_public(compose(FEDERATION + MODEL + ["num_sites=5", "seed=50", f"data_root={public}",
+                                                      f"run_dir={weights.parent}"]), Console(quiet=True))
+    return weights, 0.0
+
+
+def federated_encoder(out: Path, objective: str, seed: int, dp: bool) -> tuple[Path, float]:
+    """`fedmsk pretrain` (pretrain=ssl | crossmodal) on this seed's federation, labels unused; under DP at eps 4."""
+    from client.site import list_sites
+    from simulation.pretrain_fed import run_federated_pretrain
+    from tests.inprocess_grid import InProcessGrid
+
+    work = out / f"{objective}-seed{seed}-{'dp' if dp else 'nodp'}"
+    done = work / "done.json"
+    if done.is_file():
+        meta = json.loads(done.read_text())
+        return Path(meta["weights"]), meta["epsilon_max"]
+    data = _fresh(write_sites(out, seed), work / "data")
+    cfg = compose(FEDERATION + MODEL + PRETRAIN_ROUNDS + [f"pretrain={objective}", f"seed={seed}", f"data_root={data}",
+                                                          f"run_dir={work / 'run'}", *(PRETRAIN_DP if dp else [])])
+    folders = list_sites(cfg.data_root)
+    weights = run_federated_pretrain(cfg, InProcessGrid({100 + i: {"partition-id": i} for i in range(len(folders))}),
+                                     Console(quiet=True))
+    eps = _epsilon_max(folders, cfg.privacy.delta, cfg.privacy.accountant) if dp else 0.0
+    done.write_text(json.dumps({"weights": str(weights), "epsilon_max": eps}))
+    return weights, eps
+
+
+def encoder(out: Path, arm: str, seed: int, dp: bool) -> tuple[Path | None, float]:
+    if arm == "random":
+        return None, 0.0
+    if arm == "public":
+        return public_encoder(out)
+    return federated_encoder(out, arm, seed, dp)
+
+
+def grid(out: Path, arms: list[str], finetunes: list[str], fractions: list[float], epsilons: list[float | None],
+         seeds: list[int], path: Path, report: dict, console: Console) -> None:
+    """Every cell once, all seeds of a setting together; appended to the JSON as it finishes."""
+    cells = report.setdefault("cells", [])
+    done = {(c["arm"], c["finetune"], c["label_fraction"], c["epsilon"], c["seed"]) for c in cells}
+    for arm in arms:
+        for finetune in finetunes:
+            for eps in epsilons:
+                for fraction in fractions:
+                    for seed in seeds:
+                        if (arm, finetune, fraction, eps, seed) in done:
+                            continue
+                        try:
+                            weights, pre_eps = encoder(out, arm, seed, eps is not None)
+                        except Exception as exc:  # noqa: BLE001 -- an arm whose pretraining fails is reported, the grid goes on
+                            console.print(f"  [red]{arm} pretraining failed[/]: {type(exc).__name__}: {exc}")
+                            report.setdefault("failed", {})[f"{arm} seed {seed} dp {eps is not None}"] = f"{type(exc).__name__}: {exc}"
+                            path.write_text(json.dumps(report, indent=1))
+                            break
+                        extra = [] if weights is None else [f"model.pretrained_path={weights}"]
+                        res = run_cell(write_sites(out, seed), out / "cell",
+                                       MODEL + [f"seed={seed}", f"task.label_fraction={fraction}", f"model.finetune={finetune}",
+                                                *PRESETS[eps], *extra])
+                        cells.append({"arm": arm, "finetune": finetune, "label_fraction": fraction, "epsilon": eps,
+                                      "seed": seed, "pretrain_epsilon_max": pre_eps, **res})
+                        path.write_text(json.dumps(report, indent=1))
+                        console.print(f"  {arm} {finetune} {fraction:g} eps {eps} seed {seed}: AUC {res['test_auc']:.3f} "
+                                      f"({res['seconds']:.0f} s)")
+
+
+def _mean_sd(values: list[float]) -> str:
+    a = np.array(values)
+    return f"{a.mean():.3f} ± {a.std(ddof=1) if len(a) > 1 else 0:.3f}"
+
+
+def table(cells: list[dict]) -> str:
+    """README table: AUC mean ± SD (seeds) per label fraction; 10 % as a share of the full-label reference
+    (random init, fine-tuned, 100 % labels, same DP setting)."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["arm"], c["finetune"], c["epsilon"], c["label_fraction"]), []).append(c)
+    fractions = sorted({c["label_fraction"] for c in cells})
+    head = " | ".join(f"{f:.0%} labels" for f in fractions)
+    lines = [f"| init | trained | DP | {head} | 10 % / full-label ref. | seeds | eps (pretrain + fine-tune, max) |",
+             "|---|---|---|" + "---|" * len(fractions) + "---|---|---|"]
+    order = {"random": 0, "public": 1, "ssl": 2, "crossmodal": 3}
+    rows = sorted({k[:3] for k in groups}, key=lambda k: (k[2] is not None, order.get(k[0], 9), k[1]))
+    for arm, finetune, eps in rows:
+        cols = [_mean_sd([c["test_auc"] for c in groups[(arm, finetune, eps, f)]]) if (arm, finetune, eps, f) in groups else "-"
+                for f in fractions]
+        ref = groups.get(("random", "all", eps, 1.0))
+        low = groups.get((arm, finetune, eps, min(fractions)))
+        share = f"{np.mean([c['test_auc'] for c in low]) / np.mean([c['test_auc'] for c in ref]):.0%}" if ref and low else "-"
+        members = [c for k, v in groups.items() if k[:3] == (arm, finetune, eps) for c in v]
+        seeds = "/".join(str(len(groups[(arm, finetune, eps, f)])) if (arm, finetune, eps, f) in groups else "0" for f in fractions)
+        spent = "-" if eps is None else f"{max(c['pretrain_epsilon_max'] for c in members):.1f} + {max(c['epsilon_max'] for c in members):.1f}"
+        lines.append(f"| {arm} | {'linear probe' if finetune == 'heads' else 'fine-tune'} | {'no DP' if eps is None else f'eps {eps:g}'} | "
+                     + " | ".join(cols) + f" | {share} | {seeds} | {spent} |")
+    oracle = np.mean([c["oracle_auc"] for c in cells])
+    lines.append(f"\nOracle AUC on the same test patients: {oracle:.3f}.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arms", default="random,public,ssl,crossmodal")
+    ap.add_argument("--finetune", default="all,heads")
+    ap.add_argument("--fractions", default="0.1,0.25,1")
+    ap.add_argument("--epsilons", default="none,8")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--out", default="runs/bench-pretrain")
+    ap.add_argument("--json", default=str(RESULTS / "bench_pretrain.json"), help="where the cells go")
+    ap.add_argument("--table-only", action="store_true", help="re-render the table from the JSON")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    console = Console()
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "threads": 1}
+    report["federation"] = FEDERATION + MODEL
+    if not args.table_only:
+        grid(Path(args.out).resolve(), args.arms.split(","), args.finetune.split(","),
+             [float(f) for f in args.fractions.split(",")], [None if e == "none" else float(e) for e in args.epsilons.split(",")],
+             [int(s) for s in args.seeds.split(",")], path, report, console)
+    if report.get("cells"):
+        report["table"] = table(report["cells"])
+        console.print(report["table"])
+    path.write_text(json.dumps(report, indent=1))
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
