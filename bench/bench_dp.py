@@ -5,16 +5,19 @@ and the federated AUC grid {model} x {no DP, eps 8, 4, 1} x {random init, public
    64x64, the DP-safe prototype loss) without DP and under each Opacus per-sample-gradient mode,
    measured side by side in one process (the modes take turns, so machine load hits them alike).
    A mode that cannot handle our model or loss is reported with the reason.
-2. ``--sweep``: the DP training settings (optimizer, lr, batch size) of configs/privacy/eps*.yaml
-   are chosen here, under DP, on a synthetic *tuning* federation (synth seed 100) that none of the
-   grid's federations (seeds 0, 1, 2) shares: never on a hospital's data.
+2. ``--sweep``: the DP training settings of configs/privacy/eps*.yaml and the fine-tuning mode of a
+   run from public weights (PUBLIC_DP) are chosen here, under DP, on synthetic *tuning* federations
+   (synth seeds 100 and 101) that none of the grid's federations (seeds 0, 1, 2) shares: never on a
+   hospital's data, never on the grid's test patients.
 3. ``--audit``: the empirical privacy audit of the test suite (simulation.audit) with 1000
    canaries, at epsilon 1, 4, 8 and without DP, 3 seeds each.
 4. ``--grid``: each cell is one federation run in process (the real ClientApp and round loop,
-   without Ray), 5 synthetic sites of 50-110 training patients, on a fresh copy of the sites so no
-   privacy ledger carries over; test AUC on all sites' test patients pooled, oracle AUC beside.
-   "public" cells start from encoders pretrained by `fedmsk pretrain-public` on 5 other
-   synthetic hospitals (synth seed 50), the data the consortium treats as public.
+   without Ray), 5 synthetic sites (``--sites small``: 60-108 training patients a site, ``medium``:
+   120-216), on a fresh copy of the sites so no privacy ledger carries over; test AUC on all sites'
+   test patients pooled, oracle AUC beside. "public" cells start from weights pretrained by
+   `fedmsk pretrain-public` on 5 other synthetic hospitals (synth seed 50), the data the consortium
+   treats as public, and fine-tune under DP with PUBLIC_DP. A cell run under an earlier version of
+   its preset is run again. ``--steps N --step-models ...`` puts each model's DP step cost beside.
 
 Prints tables and writes bench/results/bench_dp.json (each part under its own key; a later run of one
 part keeps the others).
@@ -22,7 +25,9 @@ part keeps the others).
     python bench/bench_dp.py --steps 30
     python bench/bench_dp.py --sweep
     python bench/bench_dp.py --audit
-    python bench/bench_dp.py --grid [--cells mmcl:random,mmcl:public] [--epsilons none,8,1] [--seeds 0,1,2]
+    python bench/bench_dp.py --grid [--cells mmcl:random,mmcl:public] [--epsilons none,8,4,1] [--seeds 0,1,2]
+        [--sites small|medium] [--json part.json]; --merge part.json ... renders several into --json
+    python bench/bench_dp.py --steps 5 --step-models mmcl,image_only,clinical_only,logreg
 """
 
 from __future__ import annotations
@@ -135,13 +140,22 @@ def step_times(cfg, steps: int, batch_size: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- 2./3. federated runs
-def write_sites(root: Path, seed: int, extra: list[str] = ()) -> Path:
+# training patients a site (60% of its patients): small 60-108 (synth defaults 180,140,100,160,120),
+# medium 120-216 (twice as many); the seeds' cohorts split across a consortium are this size
+SITES = {"small": [], "medium": ["synth.patients_per_site=[360,280,200,320,240]"]}
+# a run started from public weights fine-tunes under DP only the encoders' normalisation layers and
+# the heads (model.finetune=norm_heads, chosen by --sweep); without DP it trains every layer
+PUBLIC_DP = ["model.finetune=norm_heads"]
+PAIRS = [(m, i) for i in ("random", "public") for m in ("mmcl", "image_only", "clinical_only", "logreg")]
+
+
+def write_sites(root: Path, seed: int, sites: str = "small") -> Path:
     from simulation.synth import write_federation
 
-    sites = root / f"sites-seed{seed}"
-    if not (sites / "oracle.csv").is_file():
-        write_federation(compose(FEDERATION + [f"seed={seed}", f"data_root={sites}", *extra]))
-    return sites
+    folder = root / f"sites-{sites}-seed{seed}"
+    if not (folder / "oracle.csv").is_file():
+        write_federation(compose(FEDERATION + [f"seed={seed}", f"data_root={folder}", *SITES[sites]]))
+    return folder
 
 
 def run_federated(sites: Path, work: Path, overrides: list[str]) -> dict:
@@ -168,27 +182,65 @@ def run_federated(sites: Path, work: Path, overrides: list[str]) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-SWEEP = {  # candidates for the presets' DP training settings (MM-CL, prototype aux loss)
-    "adam lr 0.002 b16 (non-DP defaults)": ["privacy.optimizer=adam", "privacy.lr=0.002", "privacy.batch_size=16"],
-    "adam lr 0.01 b16": ["privacy.optimizer=adam", "privacy.lr=0.01", "privacy.batch_size=16"],
-    "sgd lr 0.1 b16": ["privacy.optimizer=sgd", "privacy.lr=0.1", "privacy.batch_size=16"],
-    "sgd lr 0.1 b32": ["privacy.optimizer=sgd", "privacy.lr=0.1", "privacy.batch_size=32"],
-}
+def cell_overrides(out: Path, model: str, init: str, eps: float | None) -> list[str]:
+    """A grid cell's config: ``model`` is a model name, or ``mmcl@<aux>`` for MM-CL with another
+    DP-safe auxiliary loss (random init only: the public weights carry the prototype head)."""
+    name, _, aux = model.partition("@")
+    ov = [f"model={name}", *SAME_MODEL, *PRESETS[eps]]
+    if aux:
+        ov.append(f"model.aux_loss={aux}")  # a value override wins over the preset's aux_loss
+    if init == "public":
+        if aux:
+            raise SystemExit(f"--cells {model}:public: the public weights are pretrained with the prototype loss only")
+        ov.append(f"model.pretrained_path={pretrain(out, name)}")
+        ov += PUBLIC_DP if eps is not None else []
+    return ov
 
 
-def sweep(out: Path, epsilons: list[float], console: Console) -> list[dict]:
-    """DP training settings under DP on the tuning federation (synth seed 100), each candidate
-    overriding the preset's own privacy.optimizer / lr / batch_size."""
-    sites = write_sites(out, 100)
-    ref = run_federated(sites, out / "cell", ["model=mmcl", "seed=100"])
-    rows = [{"epsilon": None, "setting": "no DP (federation defaults)", **ref}]
-    console.print(f"  sweep no DP: AUC {ref['test_auc']:.3f} ({ref['seconds']:.0f} s)")
-    for eps in epsilons:
-        for name, settings in SWEEP.items():
-            res = run_federated(sites, out / "cell", ["model=mmcl", "seed=100", *PRESETS[eps], *settings])
-            rows.append({"epsilon": eps, "setting": name, **res})
-            console.print(f"  sweep eps {eps:g} {name}: AUC {res['test_auc']:.3f} ({res['seconds']:.0f} s)")
+# The presets' DP training settings were chosen here, under DP, on tuning federations of their own
+# (synth seeds 100 and 101), which none of the grid's federations (seeds 0, 1, 2) or the public
+# pretraining sites (seed 50) shares: never on a hospital's data, never on the grid's test patients.
+# Each candidate: (name, init, epsilon, overrides on top of the preset); one run per tuning seed.
+SWEEP = [
+    ("preset: sgd lr 0.1, batch 32", "random", 1.0, []),
+    ("sgd lr 0.03, batch 32", "random", 1.0, ["privacy.lr=0.03"]),
+    ("sgd lr 0.1, 1 local epoch", "random", 1.0, ["privacy.local_epochs=1"]),
+    ("sgd lr 0.1, encoders frozen at random init (norm_heads)", "random", 1.0, ["model.finetune=norm_heads"]),
+    ("preset: sgd lr 0.1, batch 32", "random", 8.0, []),
+    ("sgd lr 0.03, batch 32", "random", 8.0, ["privacy.lr=0.03"]),
+    ("all layers, sgd lr 0.1", "public", 1.0, ["model.finetune=all"]),
+    ("all layers, sgd lr 0.03", "public", 1.0, ["model.finetune=all", "privacy.lr=0.03"]),
+    ("norm_heads, sgd lr 0.1", "public", 1.0, ["model.finetune=norm_heads", "privacy.lr=0.1"]),
+    ("norm_heads, sgd lr 0.03", "public", 1.0, ["model.finetune=norm_heads", "privacy.lr=0.03"]),
+    ("all layers, sgd lr 0.03", "public", 8.0, ["model.finetune=all", "privacy.lr=0.03"]),
+    ("norm_heads, sgd lr 0.03", "public", 8.0, ["model.finetune=norm_heads", "privacy.lr=0.03"]),
+]
+TUNING_SEEDS = (100, 101)
+
+
+def sweep(out: Path, seeds: tuple[int, ...], console: Console) -> list[dict]:
+    """Every SWEEP candidate (MM-CL, prototype loss) and the no-DP reference of each init, on each tuning seed."""
+    rows = []
+    refs = [("no DP", init, None, []) for init in ("random", "public")]
+    for name, init, eps, extra in refs + SWEEP:
+        for seed in seeds:
+            ov = [*cell_overrides(out, "mmcl", init, eps), *extra, f"seed={seed}"]
+            res = run_federated(write_sites(out, seed), out / "cell-sweep", ov)
+            rows.append({"setting": name, "init": init, "epsilon": eps, "seed": seed, **res})
+            console.print(f"  sweep {init} eps {eps} {name} seed {seed}: AUC {res['test_auc']:.3f} ({res['seconds']:.0f} s)")
     return rows
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """Mean test AUC per candidate over the tuning seeds (the choice is the best mean per init and epsilon)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["init"], r["epsilon"], r["setting"]), []).append(r["test_auc"])
+    lines = ["| init | DP | setting | test AUC per tuning seed | mean |", "|---|---|---|---|---|"]
+    for (init, eps, name), aucs in groups.items():
+        lines.append(f"| {init} | {'no DP' if eps is None else f'eps {eps:g}'} | {name} | "
+                     f"{', '.join(f'{a:.3f}' for a in aucs)} | {statistics.mean(aucs):.3f} |")
+    return "\n".join(lines)
 
 
 def pretrain(out: Path, model: str) -> Path:
@@ -203,46 +255,86 @@ def pretrain(out: Path, model: str) -> Path:
     return weights
 
 
-def grid(out: Path, pairs: list[tuple[str, str]], epsilons: list[float | None], seeds: list[int],
+def grid_signature(sites: str) -> dict:
+    """What every cell of a grid depends on besides model, init, epsilon and seed."""
+    return {"federation": FEDERATION + SITES[sites], "public_dp": PUBLIC_DP}
+
+
+def preset_text(eps: float | None) -> str:
+    """The preset file a cell ran under: a cell run under an earlier version of it is run again."""
+    from shared.config import CONFIG_DIR
+
+    return "" if eps is None else (CONFIG_DIR / "privacy" / f"{PRESETS[eps][0].split('=')[1]}.yaml").read_text()
+
+
+def grid(out: Path, pairs: list[tuple[str, str]], epsilons: list[float | None], seeds: list[int], sites: str,
          path: Path, report: dict, console: Console) -> list[dict]:
     """Every cell once, (model, init) pairs in the order given, all seeds of a setting together;
     each cell is appended to the JSON as it finishes (a partial grid is still a result)."""
-    cells = report.setdefault("grid", {"federation": FEDERATION, "cells": []})["cells"]
+    key = f"grid_{sites}"
+    if report.get(key, {}).get("signature") != grid_signature(sites):
+        report[key] = {"signature": grid_signature(sites), "cells": []}  # another federation: nothing comparable
+    cells = report[key]["cells"]
+    cells[:] = [c for c in cells if c.get("preset") == preset_text(c["epsilon"])]  # presets changed since: rerun
     done = {(c["model"], c["epsilon"], c["init"], c["seed"]) for c in cells}
     for model, init in pairs:
-        extra = [] if init == "random" else [f"model.pretrained_path={pretrain(out, model)}"]
         for eps in epsilons:
             for seed in seeds:
                 if (model, eps, init, seed) in done:
                     continue
-                res = run_federated(write_sites(out, seed), out / "cell",
-                                    [f"model={model}", *SAME_MODEL, f"seed={seed}", *PRESETS[eps], *extra])
-                cells.append({"model": model, "epsilon": eps, "init": init, "seed": seed, **res})
+                res = run_federated(write_sites(out, seed, sites), out / f"cell-{sites}",
+                                    [*cell_overrides(out, model, init, eps), f"seed={seed}"])
+                cells.append({"model": model, "epsilon": eps, "init": init, "seed": seed, "sites": sites,
+                              "preset": preset_text(eps), **res})
                 path.write_text(json.dumps(report, indent=1))
-                console.print(f"  {model} eps {eps} {init} seed {seed}: AUC {res['test_auc']:.3f} ({res['seconds']:.0f} s)")
+                console.print(f"  {sites} {model} eps {eps} {init} seed {seed}: AUC {res['test_auc']:.3f} ({res['seconds']:.0f} s)")
     return cells
 
 
-def grid_table(cells: list[dict], step_ratio: float | None) -> str:
-    """The README table: mean +- SD of test AUC over seeds per cell, vs the same model without DP."""
+def grid_table(cells: list[dict], step_cost: dict[str, float], pairs: list[tuple[str, str]]) -> str:
+    """The README table: mean +- SD of test AUC over seeds, and the ratio to the same model and init
+    without DP; every requested (model, init) row is listed, cells without runs as 'not run'."""
     import numpy as np
 
-    key = lambda c: (c["model"], c["init"], c["epsilon"])  # noqa: E731
+    epsilons = [None, 8.0, 4.0, 1.0]
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
-        groups.setdefault(key(c), []).append(c)
-    lines = ["| model | init | DP | test AUC (mean +- SD) | seeds | vs no DP | oracle AUC | epsilon spent (max) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (model, init, eps), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -(kv[0][2] or 99))):
-        auc = np.array([r["test_auc"] for r in rows])
+        groups.setdefault((c["model"], c["init"], c["epsilon"]), []).append(c)
+    rows = list(dict.fromkeys(pairs + [(m, i) for m, i, _ in groups]))
+    lines = ["| model | init | no DP | eps 8 | eps 4 | eps 1 | seeds | oracle AUC | DP step / plain step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model, init in rows:
         ref = groups.get((model, init, None))
-        ratio = auc.mean() / np.mean([r["test_auc"] for r in ref]) if ref and eps is not None else None
-        lines.append(f"| {model} | {init} | {'no DP' if eps is None else f'eps {eps:g}'} | {auc.mean():.3f} +- "
-                     f"{auc.std(ddof=1) if len(auc) > 1 else 0:.3f} | {len(rows)} | {'' if ratio is None else f'{ratio:.3f}x'} | "
-                     f"{np.mean([r['oracle_auc'] for r in rows]):.3f} | {max(r['epsilon_max'] for r in rows):.2f} |")
-    if step_ratio is not None:
-        lines.append(f"\nDP step cost (MM-CL, hooks, same run): {step_ratio:.2f}x a plain step.")
+        ref_auc = np.mean([r["test_auc"] for r in ref]) if ref else None
+        out, seeds, oracle = [], set(), []
+        for eps in epsilons:
+            runs = groups.get((model, init, eps))
+            if not runs:
+                out.append("not run")
+                continue
+            auc = np.array([r["test_auc"] for r in runs])
+            seeds.add(len(runs))
+            oracle += [r["oracle_auc"] for r in runs]
+            text = f"{auc.mean():.3f} +- {auc.std(ddof=1) if len(auc) > 1 else 0:.3f}"
+            out.append(text + (f" ({auc.mean() / ref_auc:.3f}x)" if eps is not None and ref_auc else ""))
+        cost = step_cost.get(f"{model.partition('@')[0]}:{'norm_heads' if init == 'public' else 'all'}")
+        lines.append(f"| {model} | {init} | {' | '.join(out)} | {'/'.join(map(str, sorted(seeds))) or '-'} | "
+                     f"{np.mean(oracle):.3f} | {'-' if cost is None else f'{cost:.2f}x'} |" if oracle else
+                     f"| {model} | {init} | {' | '.join(out)} | - | - | {'-' if cost is None else f'{cost:.2f}x'} |")
     return "\n".join(lines)
+
+
+def step_costs(models: list[str], steps: int, batch: int) -> dict[str, float]:
+    """DP (hooks) over plain step time per model at the grid's input size, trained as the grid trains it
+    (all layers; public init: norm_heads), from step_times (one interleaved loop per model)."""
+    costs = {}
+    for model in models:
+        cfg = compose(FEDERATION + [f"model={model}", *SAME_MODEL])
+        rows = step_times(cfg, steps, batch)["rows"]
+        costs[f"{model}:all"] = rows["hooks"]["ratio"]
+        if "hooks norm_heads" in rows:
+            costs[f"{model}:norm_heads"] = rows["hooks norm_heads"]["ratio"] / rows["plain norm_heads"]["ratio"]
+    return costs
 
 
 def audit(epsilons: list[float], seeds: list[int], canaries: int, guesses: int, out: Path) -> list[dict]:
@@ -269,25 +361,32 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="time this many steps per grad-sample mode (0: skip)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a simulated site uses 1)")
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--sweep-epsilons", default="1,8")
+    ap.add_argument("--sweep", action="store_true", help="the presets' DP settings on the tuning federations (seeds 100, 101)")
     ap.add_argument("--out", default="runs/bench-dp")
     ap.add_argument("--audit", action="store_true", help="the canary audit at full size (1000 canaries)")
     ap.add_argument("--grid", action="store_true")
-    ap.add_argument("--cells", default="mmcl:random,image_only:random,clinical_only:random,logreg:random,"
-                    "mmcl:public,image_only:public,clinical_only:public,logreg:public", help="model:init pairs, in order")
+    ap.add_argument("--cells", default=",".join(f"{m}:{i}" for m, i in PAIRS),
+                    help="model:init pairs, in order (model mmcl@views etc.: MM-CL with another DP-safe aux loss)")
     ap.add_argument("--epsilons", default="none,8,4,1")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--sites", choices=list(SITES), default="small", help="site size of the grid's federations")
+    ap.add_argument("--step-models", default="", help="models whose DP step cost (hooks / plain, grid input size, "
+                    "batch 32) goes beside the grid; needs --steps")
+    ap.add_argument("--json", default=str(RESULTS / "bench_dp.json"), help="the results file (read, updated, written)")
+    ap.add_argument("--merge", nargs="*", default=[], help="other results files whose grids to copy into --json "
+                    "(grids run in parallel processes)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     console = Console()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "bench_dp.json"
+    path = Path(args.json)
     report = json.loads(path.read_text()) if path.exists() else {}
     report["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads}
     out = Path(args.out).resolve()
-    if args.steps:
+    if args.steps and args.step_models:
+        report["grid_step_cost"] = step_costs(args.step_models.split(","), args.steps, 32)
+    if args.steps and not args.step_models:
         cfg = compose(["model=mmcl", "model.aux_loss=prototype"])
         res = step_times(cfg, args.steps, args.batch)
         table = Table("mode", "median step (s)", "DP / plain", title=f"MM-CL step, batch {args.batch}, {cfg.task.image_size}")
@@ -299,12 +398,10 @@ def main() -> None:
         console.print(f"fastest valid mode: [bold]{res['fastest_valid']}[/]")
         report["step_time"] = res | {"batch": args.batch, "steps": args.steps, "image_size": cfg.task.image_size}
     if args.sweep:
-        rows = sweep(out, [float(e) for e in args.sweep_epsilons.split(",")], console)
-        table = Table("epsilon", "setting", "test AUC", "oracle", "s", title="DP training settings, tuning federation (synth seed 100)")
-        for r in rows:
-            table.add_row("-" if r["epsilon"] is None else f"{r['epsilon']:g}", r["setting"], f"{r['test_auc']:.3f}", f"{r['oracle_auc']:.3f}", f"{r['seconds']:.0f}")
-        console.print(table)
-        report["sweep"] = {"federation": FEDERATION, "synth_seed": 100, "rows": rows}
+        rows = sweep(out, TUNING_SEEDS, console)
+        report["sweep"] = {"federation": FEDERATION, "tuning_seeds": list(TUNING_SEEDS), "rows": rows,
+                           "table": sweep_table(rows)}
+        console.print(report["sweep"]["table"])
     if args.audit:
         rows = audit([1.0, 4.0, 8.0], [0, 1, 2], 1000, 400, out)
         table = Table("claimed epsilon", "seed", "correct / guesses", "empirical epsilon lower bound",
@@ -314,14 +411,18 @@ def main() -> None:
                           f"{r['correct']} / {r['guesses']}", f"{r['epsilon_lower_bound']:.2f}")
         console.print(table)
         report["audit"] = rows
+    for other in args.merge:
+        report |= {k: v for k, v in json.loads(Path(other).read_text()).items() if k.startswith("grid_")}
+    pairs = [tuple(c.split(":")) for c in args.cells.split(",")]
     if args.grid:
         eps = [None if e == "none" else float(e) for e in args.epsilons.split(",")]
-        pairs = [tuple(c.split(":")) for c in args.cells.split(",")]
-        grid(out, pairs, eps, [int(x) for x in args.seeds.split(",")], path, report, console)
-    if report.get("grid", {}).get("cells"):  # (re)rendered on every run, with the latest step ratio
-        ratio = report.get("step_time", {}).get("rows", {}).get("hooks", {}).get("ratio")
-        report["grid"]["table"] = grid_table(report["grid"]["cells"], ratio)
-        console.print(report["grid"]["table"])
+        grid(out, pairs, eps, [int(x) for x in args.seeds.split(",")], args.sites, path, report, console)
+    for sites in SITES:  # (re)rendered on every run, with the latest step costs
+        if report.get(f"grid_{sites}", {}).get("cells"):
+            cells = report[f"grid_{sites}"]["cells"]
+            report[f"grid_{sites}"]["table"] = grid_table(cells, report.get("grid_step_cost", {}), PAIRS)
+            console.print(f"{sites} sites:\n" + report[f"grid_{sites}"]["table"])
+    report.pop("grid", None)  # the grid of the earlier presets (README history), superseded by grid_<sites>
     path.write_text(json.dumps(report, indent=1))
     console.print(f"wrote {path}")
 

@@ -42,7 +42,7 @@ class Verb:
 
 # packages that register config checks (model and loss names, DP safety of the aux loss, strategy
 # settings; see shared.config.register_check): a verb that trains imports them before it composes
-TRAINING_CHECKS = ("shared.models", "shared.losses", "server.strategy")
+TRAINING_CHECKS = ("shared.models", "shared.losses", "shared.ssl", "server.strategy")
 
 
 def load_training_checks() -> None:

@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 
 from client.ledger import PrivacyLedger
 from client.privacy import SitePrivacy, dp_training, resolve_policy
+from client.pretrain import evaluate_pretrain, pretrain_datasets, run_spend
 from client.release import release_counts
 from client.local_state import site_local_params
 from client.site import SiteIdentity, resolve_site
@@ -26,6 +27,7 @@ from client.trainer import build_screener, evaluate, make_loader, train_local
 from shared.compression import COMPRESSION, encode_update
 from shared.config import FedmskConfig, from_yaml
 from shared.provenance import init_line
+from shared.ssl import check_pretrain_dp, objective_label
 from shared.messages import (
     ARRAYS,
     CONFIG,
@@ -62,6 +64,8 @@ def _site_datasets(data_dir: str, task_yaml: str, seed: int, private: bool):
     from shared.sitedata import load_site, make_datasets
 
     cfg = _job(task_yaml)
+    if cfg.pretrain.objective != "none":  # a pretraining job: every patient but val/test, labelled or not
+        return pretrain_datasets(data_dir, cfg, seed, private)
     site = load_site(data_dir, cfg.task)
     if site.issues:
         log.info("site %s: %d records left out (run `fedmsk check` for the list)", data_dir, len(site.issues))
@@ -78,6 +82,7 @@ def _prepare(node_config: dict[str, Any], job_yaml: str, weights: dict[str, torc
     cfg = _job(job_yaml)
     site = resolve_site(node_config, cfg)
     policy = resolve_policy(node_config, cfg.privacy, site.data_dir)  # the site's own budget wins
+    check_pretrain_dp(cfg, policy.enabled)  # a site whose own policy turns DP on refuses an in-batch objective
     torch.set_num_threads(max(1, cfg.federation.torch_threads))
     datasets = _site_datasets(str(site.data_dir), job_yaml, cfg.seed, policy.enabled)
     screener = build_screener(cfg)
@@ -105,6 +110,8 @@ def run_train(
             n_train=len(datasets["train"]),
             batch_size=fed.batch_size,
             init=init_line(cfg.model.pretrained_path, cfg.model.finetune),
+            objective=objective_label(cfg),
+            run_epsilon=cfg.pretrain.epsilon if cfg.pretrain.objective != "none" else None,
         )
     # site-secret order: never derived from the seed or round the server sent (client.randomness)
     loader = make_loader(datasets["train"], fed.batch_size, shuffle=True, seed=None)
@@ -113,6 +120,8 @@ def run_train(
     # under DP the loss/accuracy of the private batches are not covered by the guarantee: NaN, and
     # steps is the accountant's count (the physical-batch count depends on the Poisson draw)
     dp_metrics = privacy.end_round() if privacy is not None else {"dp": 0.0, "epsilon": 0.0, "delta": 0.0}
+    if cfg.pretrain.objective != "none":  # the pretraining run's own spend, for the weights' card (client.pretrain)
+        dp_metrics["epsilon_run"] = run_spend(privacy, run_id or "run") if privacy is not None else 0.0
     metrics = result.metrics() | dp_metrics
     state = {k: v.detach().cpu() for k, v in screener.state_dict().items()}
     local = site_local_params(cfg, site.data_dir, run_id, screener)
@@ -132,7 +141,7 @@ def run_evaluate(
         raise ValueError(f"split '{split}' asked by the server: this site answers only for {', '.join(EVAL_SPLITS)}")
     cfg, site, policy, datasets, screener = _prepare(node_config, job_yaml, weights, run_id)
     loader = make_loader(datasets[split], cfg.federation.batch_size, shuffle=False, seed=cfg.seed)
-    metrics = evaluate(screener, loader, site.device)
+    metrics = (evaluate_pretrain if cfg.pretrain.objective != "none" else evaluate)(screener, loader, site.device)
     if policy.release_noise != "none":  # the site's policy: counts noised and accounted (client.release)
         metrics = release_counts(metrics, policy, PrivacyLedger.load(site.data_dir), run_id=run_id, rnd=server_round,
                                  split=split, n_classes=len(cfg.task.classes))

@@ -244,9 +244,13 @@ class SitePrivacy:
 
     def begin_round(
         self, run_id: str, server_round: int, *, planned_rounds: int, local_epochs: int, n_train: int, batch_size: int,
-        init: str = "random init",
+        init: str = "random init", objective: str = "supervised", run_epsilon: float | None = None,
     ) -> RunPlan:
-        """Plan (once per run) and check the budget for this round, before any data is touched."""
+        """Plan (once per run) and check the budget for this round, before any data is touched.
+
+        ``run_epsilon``: this run may spend at most that much on its own (a pretraining run's share of
+        the budget, ``pretrain.epsilon``, so fine-tuning has budget left); the site's total stays capped too.
+        """
         if n_train < 1:
             raise ValueError("DP-SGD needs at least one training patient")
         steps_per_epoch = math.ceil(n_train / batch_size)  # Opacus' Poisson loader: len(loader) steps, rate 1/len
@@ -258,7 +262,10 @@ class SitePrivacy:
             sigma = calibrate_noise(
                 self.ledger.history, sample_rate, planned, self.policy.target_epsilon, self.policy.delta, self.policy.accountant
             )
-            plan = RunPlan(sigma, sample_rate, planned, self.policy.target_epsilon, init)
+            if run_epsilon is not None:  # the noise that keeps this run's own steps within its share, if larger
+                own = [(r.noise_multiplier, r.sample_rate, r.steps) for r in self.ledger.rounds if r.run_id == run_id]
+                sigma = max(sigma, calibrate_noise(own, sample_rate, planned, run_epsilon, self.policy.delta, self.policy.accountant))
+            plan = RunPlan(sigma, sample_rate, planned, self.policy.target_epsilon, init, objective)
             self.ledger.plans[run_id] = plan
             self.ledger.save()
             log.info("run %s: noise multiplier %.3f for %d planned steps (sample rate %.4f)", run_id, sigma, planned, sample_rate)

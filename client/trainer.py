@@ -22,6 +22,7 @@ from shared.config import FederationConfig
 from shared.losses import build_criterion
 from shared.metrics import classification_metrics
 from shared.models import build_model
+from shared.ssl import PretrainLoss, PretrainNet
 
 
 class Screener(nn.Module):
@@ -64,7 +65,10 @@ def apply_finetune(net: nn.Module, mode: str) -> None:
 
 
 def build_screener(cfg) -> Screener:
-    """Build the task's model + criterion from config (same call on server and sites)."""
+    """Build the task's model + criterion from config (same call on server and sites); a pretraining job
+    (``pretrain.objective``) is the task's encoders + the objective's heads and loss (shared.ssl)."""
+    if cfg.pretrain.objective != "none":
+        return Screener(PretrainNet(cfg), PretrainLoss(cfg))
     net = build_model(cfg)
     apply_finetune(net, cfg.model.finetune)
     return Screener(net, build_criterion(cfg))
@@ -144,13 +148,15 @@ def train_local(
             steps += 1
             n = label.shape[0]
             total_loss += float(loss.detach()) * n
-            total_correct += int((outputs["logits"].detach().argmax(1) == label).sum())
+            if "logits" in outputs:  # a pretraining objective has no classifier (its accuracy is NaN)
+                total_correct += int((outputs["logits"].detach().argmax(1) == label).sum())
             total_seen += n
     if privacy is not None:
         privacy.detach(module)  # the loss and accuracy of private batches are not released (NaN)
         return TrainResult(len(loader.dataset), steps, math.nan, math.nan)
     seen = max(total_seen, 1)
-    return TrainResult(len(loader.dataset), steps, total_loss / seen, total_correct / seen)
+    accuracy = math.nan if isinstance(screener.criterion, PretrainLoss) else total_correct / seen
+    return TrainResult(len(loader.dataset), steps, total_loss / seen, accuracy)
 
 
 @torch.no_grad()

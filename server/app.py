@@ -42,6 +42,11 @@ def make_server_app(cfg: FedmskConfig | None = None, run_dir: Path | None = None
             raise
         extra = on_finish(arrays, recorder) if on_finish else None
         recorder.finish(arrays, extra)
+        if run_cfg.pretrain.objective != "none":  # a pretraining job keeps its encoders + card (`fedmsk pretrain`)
+            from server.export import code_version
+            from shared.provenance import write_pretrained
+
+            write_pretrained(run_cfg, folder, arrays.to_torch_state_dict(), recorder.rows, code_version())
 
     return server_app
 

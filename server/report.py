@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord
 
 from shared.config import FedmskConfig, to_yaml
 from shared.metrics import METRIC_NAMES
-from shared.provenance import provenance
+from shared.provenance import compose_privacy, finetune_privacy, provenance
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -151,6 +151,8 @@ class RunRecorder:
             "events": self.events,
         }
         summary.update(extra or {})
+        # from federated-pretrained weights: per site, pretraining + this run's epsilon (shared.provenance)
+        summary["privacy_composition"] = compose_privacy(provenance(self.cfg.model.pretrained_path), finetune_privacy(self.rows))
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         card = {
             "model": self.cfg.model.name,
@@ -162,6 +164,7 @@ class RunRecorder:
             # which data were public (the weights it started from) and which private (shared.provenance)
             "pretrained": provenance(self.cfg.model.pretrained_path),
             "finetune": self.cfg.model.finetune,
+            "privacy_composition": summary["privacy_composition"],
             "private_data": "each site's training split (DP-SGD where the site's epsilon is set); val/test metrics "
                             "are outside DP-SGD unless the site's policy noises them",
         }

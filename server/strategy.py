@@ -27,6 +27,10 @@ def pool_site_metrics(rows: list[dict[str, float]], weight_key: str = NUM_EXAMPL
     """Pool sites' evaluation metrics: counts summed, AUC/loss weighted by examples."""
     n = [float(row[weight_key]) for row in rows]
     out: dict[str, float] = {weight_key: sum(n)}
+    if rows and "tp" not in rows[0]:  # a pretraining job's evaluation: its loss and patient count only
+        pairs = [(float(row["loss"]), w) for row, w in zip(rows, n) if w > 0 and not math.isnan(float(row["loss"]))]
+        total = sum(w for _, w in pairs)
+        return out | {"loss": sum(v * w for v, w in pairs) / total if total else math.nan}
     counts = {k: sum(float(row[k]) for row in rows) for k in ("tp", "fp", "tn", "fn")}
     out.update(counts)
     out.update(counts_metrics(counts["tp"], counts["fp"], counts["tn"], counts["fn"]))

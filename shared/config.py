@@ -223,6 +223,23 @@ class SiteConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """`fedmsk pretrain` (and any run whose run config sets it): the job trains encoders, not a classifier.
+
+    Read by shared.ssl (objectives, heads) and client.pretrain (the site's data and evaluation).
+    """
+
+    objective: str = "none"  # none (supervised training) | ssl (two views of one image) | crossmodal (image <-> clinical)
+    ssl_loss: str = "simsiam"  # ssl: simsiam (predictor + stop-gradient) | bank (the views against a fixed public bank)
+    negatives: str = "bank"  # crossmodal: bank (fixed non-private, DP-safe) | batch (in-batch CLIP; refused under DP)
+    # under DP: the most this pretraining run may spend at a site on its own (null: what is left of the site's
+    # budget, as any run, leaving none for fine-tuning); the site's budget caps the total either way
+    epsilon: float | None = None
+    proj_dim: int = 64  # projection size the objective compares in
+    temperature: float = 0.2  # bank / batch contrast
+
+
+@dataclass
 class SynthConfig:
     patients_per_site: list[int] = field(default_factory=lambda: [180, 140, 100])
     prevalence: list[float] = field(default_factory=lambda: [0.3, 0.22, 0.38])
@@ -249,6 +266,7 @@ class FedmskConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -264,6 +282,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.finetune": ("all", "heads", "norm_heads"),
     "federation.optimizer": ("adam", "sgd"),
     "federation.compression": ("none", "fp16", "int8"),
+    "pretrain.objective": ("none", "ssl", "crossmodal"),
+    "pretrain.ssl_loss": ("simsiam", "bank"),
+    "pretrain.negatives": ("bank", "batch"),
 }
 _COLUMN_KINDS = ("float", "int", "category")
 _MISSING_POLICIES = ("drop", "impute", "indicator")

@@ -30,7 +30,8 @@ CONFIG = "config"
 SITE = "site"  # reply ConfigRecord holding only the site's name
 
 NUM_EXAMPLES = "num-examples"
-TRAIN_METRIC_KEYS = frozenset({NUM_EXAMPLES, "train_loss", "train_acc", "steps", "dp", "epsilon", "delta"})
+TRAIN_METRIC_KEYS = frozenset({NUM_EXAMPLES, "train_loss", "train_acc", "steps", "dp", "epsilon", "delta",
+                               "epsilon_run"})  # epsilon_run: a pretraining run's own spend (client.pretrain.run_spend)
 CONFUSION_KEYS = ("tp", "fp", "tn", "fn")
 COUNT_KEY_PREFIXES = ("hist",)  # score-histogram bins: counts of patients, noised like the confusion counts
 

@@ -102,6 +102,9 @@ def load_pretrained(model: nn.Module, path: Path, name: str) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{where}: the file does not hold a state_dict (a dict of tensors); save model.state_dict()")
     own = model.state_dict()
+    encoders = {k.split(".", 1)[0] for k in state}
+    if encoders <= set(ENCODER_FILE_PREFIXES) and set(own) - set(state):  # an encoders file (`fedmsk pretrain`)
+        state = encoder_state(model, state, where, name)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
@@ -120,6 +123,32 @@ def load_pretrained(model: nn.Module, path: Path, name: str) -> None:
             f"stages, embed_dim, aux_loss and task columns?"
         )
     model.load_state_dict(state)
+
+
+ENCODER_FILE_PREFIXES = ("image", "clinical")  # what a `fedmsk pretrain` weights file holds (shared.ssl.ENCODER_NAMES)
+
+
+def encoder_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, name: str) -> dict[str, torch.Tensor]:
+    """A full state_dict for ``model``: its own values, with the encoders the file holds replaced.
+
+    A pretraining run keeps only the encoders; the task model's heads start from the seeded init.
+    An encoder the model does not have (the clinical one in image_only) is left out; a file with
+    none of the model's encoders is an error, and an encoder must fit exactly (names and shapes).
+    """
+    own = model.state_dict()
+    kept = {k: v for k, v in state.items() if k.split(".", 1)[0] in {n for n in ENCODER_FILE_PREFIXES if hasattr(model, n)}
+            and getattr(model, k.split(".", 1)[0]) is not None}
+    if not kept:
+        raise ConfigError(f"{where}: the file holds the encoders {sorted({k.split('.', 1)[0] for k in state})}, none of "
+                          f"which model '{name}' has")
+    for prefix in {k.split(".", 1)[0] for k in kept}:
+        theirs = {k for k in kept if k.startswith(prefix + ".")}
+        mine = {k for k in own if k.startswith(prefix + ".")}
+        if theirs != mine:
+            raise ConfigError(f"{where}: its '{prefix}' encoder does not fit model '{name}' (missing "
+                              f"{sorted(mine - theirs)[:5]}, unexpected {sorted(theirs - mine)[:5]}); pretrain with the "
+                              f"same model.name, width, stages and embed_dim")
+    return own | kept
 
 
 

@@ -1,0 +1,126 @@
+"""A site's side of a pretraining job (``pretrain.objective`` set in the run config).
+
+The ClientApp trains and evaluates a pretraining job with the same loop, DP-SGD engine and
+ledger as supervised training (``client.app``); what differs lives here:
+
+- the data: every usable patient that is not a validation or test patient, labelled or not
+  (empty label, or held back by ``task.label_fraction``); validation patients give the
+  pretraining loss the server sees. Test patients are never touched, so a model fine-tuned
+  from these weights is tested on patients its encoders never saw;
+- the self-supervised views: two independently augmented copies of each image (MONAI
+  transforms), drawn per patient so one patient's views depend on that image alone;
+- the evaluation: the objective's mean loss on the validation patients, no labels needed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from client.privacy import SitePrivacy, epsilon_of
+from client.randomness import site_seed
+from shared.config import FedmskConfig, TaskConfig
+
+
+class TwoViews:
+    """``{"image": [C, *size]}`` -> ``{"image": [2C, *size]}``: two independent random views, stacked on channels.
+
+    SimCLR/SimSiam-style augmentations for grey-scale radiographs and CT (MONAI): random
+    affine (rotation, shift, zoom, the "random resized crop" of natural images), a left-right
+    flip, intensity scaling and gamma (scanner differences), blur and noise, clipped back to [0, 1].
+    Stronger than the supervised ``train_augmentation``: the objective learns what stays the same.
+    """
+
+    def __init__(self, task: TaskConfig, seed: int) -> None:
+        from monai.transforms import (Compose, EnsureType, Lambda, RandAdjustContrast, RandAffine, RandFlip,
+                                      RandGaussianNoise, RandGaussianSmooth, RandScaleIntensity)
+
+        dims = task.spatial_dims
+        size = tuple(int(s) for s in task.image_size)
+        self.augment = Compose([
+            RandAffine(prob=0.9, rotate_range=(0.2,) * (1 if dims == 2 else 3), translate_range=tuple(0.1 * s for s in size),
+                       scale_range=(0.25,) * dims, mode="bilinear", padding_mode="zeros", spatial_size=size, cache_grid=True),
+            RandFlip(prob=0.5, spatial_axis=dims - 1),
+            RandScaleIntensity(factors=0.25, prob=0.8),
+            RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)),
+            RandGaussianSmooth(prob=0.3, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), sigma_z=(0.25, 1.0)),
+            RandGaussianNoise(prob=0.5, std=0.04),
+            Lambda(func=lambda x: x.clamp(0.0, 1.0)),
+            EnsureType(track_meta=False, dtype=torch.float32),
+        ])
+        self.augment.set_random_state(seed=seed % 2**32)
+
+    def __call__(self, item: dict) -> dict:
+        image = item["image"]
+        return item | {"image": torch.cat([self.augment(image), self.augment(image)], dim=0)}
+
+
+def pretrain_datasets(data_dir: str, cfg: FedmskConfig, seed: int, private: bool) -> dict[str, Dataset]:
+    """``train`` (every non-val/test patient, labelled or not) and ``val`` datasets for the objective.
+
+    The labelled patients are split as supervised training splits them (``split_indices`` over
+    the labelled rows in load order), so the validation and test patients are the same ones in
+    both; every labelled training patient (whether or not ``task.label_fraction`` keeps its label
+    for fine-tuning) and every unlabelled patient pretrains. Clinical scaling: the task's
+    reference values under DP (one patient's record never moves another's input), else fitted on
+    the pretraining patients. Raises when the site has nobody to pretrain on.
+    """
+    from monai.data import Dataset as MonaiDataset
+
+    from shared.clinical import ClinicalScaler
+    from shared.sitedata import load_site, split_indices
+    from shared.transforms import train_augmentation
+
+    task = cfg.task
+    site = load_site(data_dir, task, labelled_only=False)
+    labelled = np.flatnonzero(site.labels >= 0)  # split as supervised training splits them (labelled rows, load order)
+    split = {k: labelled[v] for k, v in split_indices(site.labels[labelled], task.split, seed,
+                                                      groups=[site.patient_ids[i] for i in labelled]).items()}
+    train = np.sort(np.concatenate([split["train"], np.flatnonzero(site.labels < 0)]))
+    if len(train) == 0:
+        raise RuntimeError(f"site data {data_dir}: no usable patient to pretrain on ({len(site.issues)} records left out); "
+                           f"run `fedmsk check {data_dir}` to see why")
+    scaler = ClinicalScaler(task)
+    scaler = scaler.from_reference() if private else scaler.fit(site.clinical_raw[train])
+    features = torch.from_numpy(scaler.transform(site.clinical_raw))
+    ssl = cfg.pretrain.objective == "ssl"
+    out: dict[str, Dataset] = {}
+    for name, idx in (("train", train), ("val", split["val"])):
+        items = [{"image": torch.from_numpy(site.images[i]), "clinical": features[i],
+                  "label": torch.tensor(int(site.labels[i]), dtype=torch.long)} for i in idx]  # -1: unlabelled
+        if ssl:  # the training views from a site-secret stream; validation views repeatable (the loss compares rounds)
+            transform = TwoViews(task, site_seed("views", data_dir) if name == "train" else seed)
+        else:
+            transform = train_augmentation(task, seed) if name == "train" and task.augment else None
+        out[name] = MonaiDataset(items, transform=transform)
+    out["test"] = MonaiDataset([])  # never read by pretraining (the split stays the fine-tuning test set)
+    return out
+
+
+@torch.no_grad()
+def evaluate_pretrain(screener: torch.nn.Module, loader: DataLoader, device: str) -> dict[str, float]:
+    """The objective's mean loss over ``loader`` (eval mode) and the number of patients: all a pretraining
+    evaluation releases (no label, no per-patient value)."""
+    screener.to(device).eval()
+    total, seen = 0.0, 0
+    for batch in loader:
+        image, clinical = batch["image"].to(device), batch["clinical"].to(device)
+        if image.shape[0] == 0:
+            continue
+        loss, _ = screener.criterion(screener(image, clinical), batch["label"].to(device))
+        total += float(loss) * image.shape[0]
+        seen += image.shape[0]
+    return {"loss": total / seen if seen else float("nan"), "num-examples": seen}
+
+
+def run_spend(privacy: SitePrivacy, run_id: str) -> float:
+    """Epsilon of this run's own steps at the site (its rounds in the ledger), by the site's accountant.
+
+    The ``epsilon`` a site reports is its ledger total over every run; a pretrained model's card
+    needs what the pretraining itself cost, which a fine-tuned model's card adds to its own
+    (shared.provenance.compose_privacy). A function of the noise plan and step count only, like
+    ``epsilon``: nothing about a patient.
+    """
+    steps = [(r.noise_multiplier, r.sample_rate, r.steps) for r in privacy.ledger.rounds if r.run_id == run_id]
+    return epsilon_of(steps, privacy.policy.delta, privacy.policy.accountant)

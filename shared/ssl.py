@@ -1,0 +1,185 @@
+"""Pretraining objectives for `fedmsk pretrain`: encoders learnt from a hospital's images and
+clinical records without labels, federated like any other training job.
+
+A pretraining job is a model and a loss like the supervised one (``client.trainer.Screener``):
+``PretrainNet`` holds the task model's own ``image`` (and ``clinical``) encoder plus the heads
+the objective needs, and ``PretrainLoss`` returns ``(loss, parts)`` as ``Criterion`` does. So
+the site's training loop, Opacus' DP-SGD, FedAvg, checkpoints and the ledger run it unchanged,
+and in deployment the same ClientApp/ServerApp run it when the run config sets
+``pretrain.objective``. Only the encoders are kept (``shared.provenance.write_pretrained``); any
+task model whose encoders have the same shapes loads them through ``model.pretrained_path``.
+
+Why the DP-safe objectives are per-sample. DP-SGD clips each patient's gradient and adds noise
+scaled to that clip: the guarantee holds only if a patient's gradient is a function of that
+patient alone. A loss whose negatives are the other patients of the batch (SimCLR, CLIP), or a
+layer with batch statistics (BatchNorm), makes patient i's gradient move when patient j changes,
+so clipping i bounds nothing about j. The objectives below avoid both:
+
+- ``ssl`` / ``simsiam`` (Chen & He 2021): two augmented views of one image, a predictor and a
+  stop-gradient; the loss of patient i is the negative cosine between i's own two views, with
+  no negatives at all. Collapse is avoided by the predictor + stop-gradient asymmetry, not by
+  batch statistics: the encoders use GroupNorm/LayerNorm and the heads LayerNorm (per sample),
+  as in BYOL's "works without batch statistics" variant (Richemond et al. 2020).
+- ``ssl`` / ``bank``: the two views as each other's positive against ``BANK_SIZE`` fixed random
+  unit vectors (no patient data, the same at every site): an InfoNCE whose negatives are public.
+- ``crossmodal`` / ``bank``: the patient's image and clinical embeddings as positives, against
+  that bank.
+- ``crossmodal`` / ``batch``: CLIP's in-batch InfoNCE. Stronger negatives, but batch-coupled
+  (``couples_batch``): refused under DP (``check_pretrain_dp``), allowed without.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.config import ConfigError, FedmskConfig, register_check
+from shared.losses import _BankContrast
+
+ENCODER_NAMES = ("image", "clinical")  # the task models' encoder submodules (what a pretraining run keeps)
+
+
+def objective_label(cfg: FedmskConfig) -> str:
+    """What the job trains, for the ledger and the card: ``supervised`` or e.g. ``pretrain:ssl/simsiam``."""
+    p = cfg.pretrain
+    if p.objective == "none":
+        return "supervised"
+    return f"pretrain:{p.objective}/{p.ssl_loss if p.objective == 'ssl' else p.negatives}"
+
+
+def couples_batch(cfg: FedmskConfig) -> bool:
+    """Whether the pretraining loss makes one patient's gradient depend on the other patients."""
+    return cfg.pretrain.objective == "crossmodal" and cfg.pretrain.negatives == "batch"
+
+
+def check_pretrain_dp(cfg: FedmskConfig, dp: bool) -> None:
+    """Refuse the in-batch cross-modal form under DP (at compose time, and at a site whose policy turns DP on)."""
+    if dp and couples_batch(cfg):
+        raise ConfigError(
+            "config 'pretrain.negatives=batch' with DP is refused: in-batch cross-modal contrast (CLIP) uses the other "
+            "patients of the batch as negatives, so one patient's gradient depends on the others and DP-SGD's "
+            "per-patient clipping no longer bounds that patient's influence (the privacy guarantee would silently not "
+            "hold). Use pretrain.negatives=bank (the same contrast against a fixed non-private bank), or pretrain=ssl."
+        )
+
+
+@register_check
+def _check_pretrain(cfg: FedmskConfig) -> None:
+    if cfg.pretrain.objective == "none":
+        return
+    check_pretrain_dp(cfg, cfg.privacy.enabled)
+    if cfg.model.finetune != "all":
+        raise ConfigError(f"config 'model.finetune={cfg.model.finetune}' with pretrain.objective={cfg.pretrain.objective}: "
+                          f"pretraining trains the encoders, which finetune={cfg.model.finetune} freezes; use model.finetune=all")
+    if cfg.pretrain.proj_dim < 1 or cfg.pretrain.temperature <= 0:
+        raise ConfigError("config 'pretrain': proj_dim must be >= 1 and temperature > 0")
+    if cfg.pretrain.epsilon is not None and cfg.pretrain.epsilon <= 0:
+        raise ConfigError(f"config 'pretrain.epsilon' is {cfg.pretrain.epsilon}; give this run's share of a site's "
+                          f"budget (> 0), or null for what is left of it")
+
+
+class Head(nn.Module):
+    """Linear -> LayerNorm -> ReLU -> Linear: an MLP head with per-sample normalisation only
+    (SimSiam's projector and predictor use BatchNorm, which couples the patients of a batch)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=False),
+                                 nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PretrainNet(nn.Module):
+    """The task model's encoders and the heads of the pretraining objective.
+
+    The encoders are taken from ``build_model(cfg)`` itself, so their parameter names and shapes
+    are exactly the task model's (``image.*``, ``clinical.*``) and ``model.pretrained_path`` (for
+    instance public weights) seeds them as it seeds the task model. For ``ssl`` the input image
+    carries the two views stacked on the channel axis (``client.pretrain.TwoViews``), so the
+    site's loop and Opacus see one ``(image, clinical)`` batch as for supervised training.
+    """
+
+    def __init__(self, cfg: FedmskConfig) -> None:
+        super().__init__()
+        from shared.models import build_model
+
+        p = cfg.pretrain
+        task_net = build_model(replace(cfg, model=replace(cfg.model, aux_loss="none", aux_weight=0.0)))
+        self.objective = p.objective
+        image = getattr(task_net, "image", None)
+        clinical = getattr(task_net, "clinical", None)
+        if not isinstance(image, nn.Module):
+            raise ConfigError(f"config 'pretrain.objective={p.objective}': model '{cfg.model.name}' has no image encoder "
+                              f"to pretrain; use a model with one (mmcl, image_only, late_fusion, fracture3d)")
+        self.image = image
+        # the encoder's input channels: a task with mask channels (shared.masks) pretrains on the image channel
+        self.in_channels = next(m for m in image.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))).in_channels
+        embed = cfg.model.embed_dim
+        if p.objective == "ssl":
+            self.projector = Head(embed, embed, p.proj_dim)
+            self.predictor = Head(p.proj_dim, max(p.proj_dim // 2, 4), p.proj_dim) if p.ssl_loss == "simsiam" else None
+        elif p.objective == "crossmodal":
+            if not isinstance(clinical, nn.Module):
+                raise ConfigError(f"config 'pretrain.objective=crossmodal': model '{cfg.model.name}' has no clinical "
+                                  f"encoder; use model=mmcl or late_fusion, or pretrain=ssl")
+            self.clinical = clinical
+            self.image_proj = Head(embed, embed, p.proj_dim)
+            self.clinical_proj = Head(embed, embed, p.proj_dim)
+        else:
+            raise ConfigError(f"config 'pretrain.objective' is '{p.objective}'; a pretraining model needs ssl or crossmodal")
+
+    def encoders(self) -> dict[str, nn.Module]:
+        """The modules a pretraining run keeps, by the task models' names."""
+        return {name: getattr(self, name) for name in ENCODER_NAMES if isinstance(getattr(self, name, None), nn.Module)}
+
+    def forward(self, image: torch.Tensor, clinical: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.objective == "ssl":
+            views = image.chunk(2, dim=1)  # [B, 2C, ...] -> two [B, C, ...]
+            z = [self.projector(self.image(v[:, : self.in_channels])[0]) for v in views]
+            out = {"z1": z[0], "z2": z[1]}
+            if self.predictor is not None:
+                out |= {"p1": self.predictor(z[0]), "p2": self.predictor(z[1])}
+            return out
+        z_image = self.image_proj(self.image(image[:, : self.in_channels])[0])
+        return {"z_image": z_image, "z_clinical": self.clinical_proj(self.clinical(clinical))}
+
+
+def _negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return -(F.normalize(p, dim=-1) * F.normalize(z.detach(), dim=-1)).sum(dim=-1).mean()
+
+
+class PretrainLoss(nn.Module):
+    """The objective's loss: ``forward(outputs, labels) -> (loss, parts)``; labels are ignored
+    (unlabelled patients carry -1). Every DP-safe form is a batch mean of per-patient terms."""
+
+    def __init__(self, cfg: FedmskConfig) -> None:
+        super().__init__()
+        p = cfg.pretrain
+        self.objective, self.ssl_loss, self.negatives, self.temperature = p.objective, p.ssl_loss, p.negatives, p.temperature
+        self.couples_batch = couples_batch(cfg)  # client.privacy.SitePrivacy.make_private refuses a coupled loss too
+        uses_bank = (p.objective == "ssl" and p.ssl_loss == "bank") or (p.objective == "crossmodal" and p.negatives == "bank")
+        self.bank = _BankContrast(p.temperature, p.proj_dim) if uses_bank else None
+
+    def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        first = next(iter(outputs.values()))
+        if first.shape[0] == 0:  # an empty Poisson batch under DP-SGD: no patient, no loss (the noisy step still runs)
+            return sum(v.sum() for v in outputs.values()) * 0.0, {"loss": 0.0}
+        if self.objective == "ssl":
+            if self.bank is not None:
+                loss = self.bank.contrast(F.normalize(outputs["z1"], dim=-1), F.normalize(outputs["z2"], dim=-1))
+            else:  # symmetric SimSiam: each view's prediction against the other view, stop-gradient on the target
+                loss = 0.5 * (_negative_cosine(outputs["p1"], outputs["z2"]) + _negative_cosine(outputs["p2"], outputs["z1"]))
+        else:
+            zi, zc = F.normalize(outputs["z_image"], dim=-1), F.normalize(outputs["z_clinical"], dim=-1)
+            if self.bank is not None:
+                loss = self.bank.contrast(zi, zc)
+            else:  # CLIP: the other patients of the batch are the negatives (batch-coupled)
+                logits = zi @ zc.t() / self.temperature
+                target = torch.arange(zi.shape[0], device=zi.device)
+                loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        return loss, {"loss": float(loss.detach())}

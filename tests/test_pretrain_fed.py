@@ -1,0 +1,202 @@
+"""`fedmsk pretrain`: per-sample objectives (and the in-batch one that is not), the weights a task model
+loads, the ledger's pretraining entries, the composed epsilon of a fine-tuned model, unlabelled patients."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from opacus import GradSampleModule
+
+from client.ledger import PrivacyLedger
+from client.pretrain import pretrain_datasets
+from client.trainer import build_screener
+from server.federation import run_federation
+from shared.config import ConfigError, compose
+from shared.provenance import compose_privacy
+from shared.sitedata import load_site, make_datasets
+from simulation.pretrain_fed import run_federated_pretrain
+from simulation.synth import write_federation
+from tests.inprocess_grid import InProcessGrid
+
+SMALL = ["task.image_size=[16,16]", "model.width=4", "model.embed_dim=16", "model.proj_dim=8", "model.clinical_hidden=8",
+         "pretrain.proj_dim=8"]
+TINY = SMALL + ["num_sites=2", "synth.patients_per_site=[36,34]", "synth.image_size=32", "task.augment=false",
+                "federation.local_epochs=1", "rounds=1", "federation.batch_size=8"]
+DP = ["privacy=eps8", "privacy.accountant=rdp", "privacy.batch_size=8"]
+UNLABELLED = 6  # patients per site whose label is blanked in clinical.csv
+OBJECTIVES_DP = {"ssl": ["pretrain=ssl"], "ssl_bank": ["pretrain=ssl", "pretrain.ssl_loss=bank"],
+                 "crossmodal": ["pretrain=crossmodal"]}
+
+
+def _nodes(n: int = 2) -> dict[int, dict]:
+    return {100 + i: {"partition-id": i} for i in range(n)}
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pretrain_fed") / "sites"
+    cfg = compose(TINY + [f"data_root={root}"])
+    write_federation(cfg)
+    for site in sorted(p for p in root.iterdir() if (p / "clinical.csv").is_file()):  # hospitals hold unlabelled patients
+        rows = list(csv.DictReader((site / "clinical.csv").open()))
+        for row in rows[:UNLABELLED]:
+            row[cfg.task.label_column] = ""
+        with (site / "clinical.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return root
+
+
+def _copy(sites: Path, dst: Path) -> Path:
+    return shutil.copytree(sites, dst, ignore=shutil.ignore_patterns(".fedmsk"))  # a fresh ledger per test
+
+
+# ---------------------------------------------------------------------------- decoupling
+def _per_sample_grads(screener, image: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
+    """[B, n_params] per-sample gradients of the objective's loss, by Opacus' hooks (what DP-SGD clips)."""
+    gsm = GradSampleModule(screener)
+    torch.manual_seed(0)  # the same dropout masks for both batches
+    loss, _ = screener.criterion(gsm(image, clinical), torch.full((image.shape[0],), -1))
+    loss.backward()
+    rows = torch.cat([p.grad_sample.reshape(image.shape[0], -1) for p in screener.parameters() if p.requires_grad], dim=1)
+    gsm._close()
+    return rows
+
+
+def _replaced_patient_effect(overrides: list[str]) -> tuple[float, float, float]:
+    """(max change of the other patients' gradients, of patient 3's, size of patient 0's) when patient 3 changes."""
+    cfg = compose(SMALL + overrides)
+    screener = build_screener(cfg)
+    screener.train()
+    g = torch.Generator().manual_seed(1)
+    channels = 2 if cfg.pretrain.objective == "ssl" else 1
+    image, clinical = torch.rand(5, channels, 16, 16, generator=g), torch.randn(5, 5, generator=g)
+    before = _per_sample_grads(screener, image, clinical)
+    image[3], clinical[3] = torch.rand(channels, 16, 16, generator=g), torch.randn(5, generator=g)
+    after = _per_sample_grads(screener, image, clinical)
+    others = [0, 1, 2, 4]
+    return (float((after[others] - before[others]).abs().max()), float((after[3] - before[3]).abs().max()),
+            float(before[0].abs().max()))
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES_DP))
+def test_each_dp_objective_is_per_sample(objective: str) -> None:
+    others, replaced, size = _replaced_patient_effect(OBJECTIVES_DP[objective])
+    assert size > 1e-4 and replaced > 1e-4  # the gradients are real and patient 3's own did change
+    assert others < 1e-6  # nobody else's moved: DP-SGD's per-patient clipping bounds each patient
+
+
+def test_in_batch_crossmodal_couples_the_batch_and_is_refused_under_dp() -> None:
+    others, _, _ = _replaced_patient_effect(["pretrain=crossmodal", "pretrain.negatives=batch"])
+    assert others > 1e-4  # the other patients' gradients moved: the decoupling fails
+    with pytest.raises(ConfigError, match="pretrain.negatives=batch"):
+        compose(SMALL + ["pretrain=crossmodal", "pretrain.negatives=batch"] + DP)
+
+
+def test_a_site_whose_own_policy_turns_dp_on_refuses_in_batch_pretraining(sites: Path, tmp_path: Path) -> None:
+    from client.app import run_train
+
+    root = _copy(sites, tmp_path / "sites")
+    policy = tmp_path / "privacy.yaml"
+    policy.write_text("enabled: true\ntarget_epsilon: 8.0\ndelta: 1.0e-5\nmax_grad_norm: 1.0\naccountant: rdp\n")
+    cfg = compose(TINY + [f"data_root={root}", "pretrain=crossmodal", "pretrain.negatives=batch"])
+    from shared.config import to_yaml
+
+    with pytest.raises(ConfigError, match="pretrain.negatives=batch"):
+        run_train({"partition-id": 0, "privacy-config": str(policy)}, to_yaml(cfg), build_screener(cfg).state_dict(), 1, "x")
+    assert not PrivacyLedger.load(root / "site_a").rounds  # refused before any step
+
+
+# ---------------------------------------------------------------------------- unlabelled patients
+def test_pretraining_uses_the_unlabelled_patients_supervised_training_ignores(sites: Path) -> None:
+    cfg = compose(TINY + [f"data_root={sites}", "pretrain=ssl"])
+    site = load_site(sites / "site_a", cfg.task, labelled_only=False)
+    supervised = make_datasets(load_site(sites / "site_a", cfg.task), cfg.task, cfg.seed)
+    pre = pretrain_datasets(str(sites / "site_a"), cfg, cfg.seed, private=False)
+    labels = [int(pre["train"][i]["label"]) for i in range(len(pre["train"]))]
+    assert labels.count(-1) == UNLABELLED == int((site.labels < 0).sum())
+    assert len(pre["train"]) == len(supervised["train"]) + UNLABELLED  # every labelled training patient too
+    assert all(int(supervised["train"][i]["label"]) >= 0 for i in range(len(supervised["train"])))
+    assert len(pre["val"]) == len(supervised["val"]) and len(pre["test"]) == 0  # test patients never pretrain
+    assert pre["train"][0]["image"].shape[0] == 2  # two views per image
+
+
+# ---------------------------------------------------------------------------- the verb
+@pytest.fixture(scope="module")
+def dp_pretrained(sites: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Both DP-safe families pretrained under DP on the same sites (one ledger each site)."""
+    base = tmp_path_factory.mktemp("dp_pretrained")
+    root = _copy(sites, base / "sites")
+    out = {}
+    for name in ("ssl", "crossmodal"):
+        cfg = compose(TINY + OBJECTIVES_DP[name] + DP + [f"data_root={root}", f"run_dir={base / name}", "rounds=2"])
+        out[name] = run_federated_pretrain(cfg, grid=InProcessGrid(_nodes()))
+    out["root"] = root
+    return out
+
+
+@pytest.mark.parametrize("objective", ["ssl", "crossmodal"])
+def test_the_weights_load_into_task_models_and_change_their_features(dp_pretrained, objective: str) -> None:
+    weights = dp_pretrained[objective]
+    saved = torch.load(weights, weights_only=True)
+    assert {k.split(".")[0] for k in saved} == ({"image"} if objective == "ssl" else {"image", "clinical"})
+    g = torch.Generator().manual_seed(3)
+    image, clinical = torch.rand(2, 1, 16, 16, generator=g), torch.randn(2, 5, generator=g)
+    for model in ("mmcl", "image_only"):
+        random = build_screener(compose(SMALL + [f"model={model}"] + [k for k in SMALL if k.startswith("model.")])).net
+        loaded = build_screener(compose(SMALL + [f"model={model}", f"model.pretrained_path={weights}"])).net
+        own = loaded.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in saved.items() if k in own)
+        assert any(not torch.equal(own[k], random.state_dict()[k]) for k in saved if k.startswith("image."))
+        random.eval(), loaded.eval()
+        assert not torch.allclose(random(image, clinical)["z_image"], loaded(image, clinical)["z_image"], atol=1e-4)
+        untouched = [k for k in own if k.startswith("classifier.")]
+        assert untouched and all(torch.equal(own[k], random.state_dict()[k]) for k in untouched)  # heads: seeded init
+
+
+def test_the_card_and_the_ledger_record_the_private_pretraining(dp_pretrained) -> None:
+    card = json.loads((dp_pretrained["ssl"].parent / "encoder_card.json").read_text())
+    assert card["objective"] == "ssl" and card["data"].startswith("private") and card["rounds"] == 2
+    assert set(card["sites"]) == {"site_a", "site_b"} and "git_commit" in card["code"]
+    for s in card["sites"].values():  # pretrain.epsilon=2: this run's own share of the site's budget of 8
+        assert s["dp"] and s["rounds_trained"] == 2 and 0.5 < s["epsilon"] <= 2.0 * 1.001 and s["ledger_epsilon"] >= s["epsilon"] - 1e-9
+    assert [r for r, _ in card["val_loss_by_round"]] == [0, 1, 2]
+    ledger = PrivacyLedger.load(dp_pretrained["root"] / "site_a")
+    objectives = {plan.objective for plan in ledger.plans.values()}
+    assert objectives == {"pretrain:ssl/simsiam", "pretrain:crossmodal/bank"}  # one plan per objective
+    runs = {run for run, plan in ledger.plans.items()}
+    assert {r.run_id for r in ledger.rounds} == runs and len(ledger.rounds) == 4  # 2 rounds per objective
+
+
+def test_a_model_fine_tuned_from_dp_pretrained_weights_composes_the_epsilons(dp_pretrained, tmp_path: Path) -> None:
+    weights = dp_pretrained["ssl"]
+    pre = json.loads((weights.parent / "encoder_card.json").read_text())["sites"]
+    root = _copy(dp_pretrained["root"], tmp_path / "sites")
+    cfg = compose(TINY + DP + [f"data_root={root}", f"run_dir={tmp_path / 'ft'}", f"model.pretrained_path={weights}"])
+    arrays, recorder = run_federation(InProcessGrid(_nodes()), cfg, tmp_path / "ft")
+    recorder.finish(arrays)
+    card = json.loads((tmp_path / "ft" / "model_card.json").read_text())
+    comp = card["privacy_composition"]
+    assert "sequential composition" in comp["rule"] and comp["pretraining_objective"] == "pretrain:ssl/simsiam"
+    for site in ("site_a", "site_b"):
+        row = comp["sites"][site]
+        ft = card["sites"][site]["epsilon"]
+        assert row["pretraining_epsilon"] == pytest.approx(pre[site]["epsilon"]) and row["finetuning_epsilon"] == pytest.approx(ft)
+        assert row["epsilon_total"] == pytest.approx(pre[site]["epsilon"] + ft)
+        assert row["delta_total"] == pytest.approx(2e-5)
+
+
+def test_composition_has_no_bound_where_a_run_had_no_dp() -> None:
+    pre = {"objective": "ssl", "objective_label": "pretrain:ssl/simsiam",
+           "sites": {"a": {"epsilon": None, "delta": None}, "b": {"epsilon": 2.0, "delta": 1e-5}}}
+    comp = compose_privacy(pre, {"a": {"epsilon": 3.0, "delta": 1e-5}, "b": {"epsilon": 3.0, "delta": 1e-5},
+                                 "c": {"epsilon": 1.0, "delta": 1e-5}})
+    assert comp["sites"]["a"]["epsilon_total"] is None and "without DP" in comp["sites"]["a"]["note"]
+    assert comp["sites"]["b"]["epsilon_total"] == 5.0 and comp["sites"]["c"]["epsilon_total"] == 1.0
+    assert compose_privacy({"data": "public", "sites": {"x": {"patients": 3}}}, {}) is None  # public weights: nothing to add
