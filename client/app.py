@@ -23,6 +23,7 @@ from client.pretrain import evaluate_pretrain, pretrain_datasets, run_spend
 from client.release import release_counts
 from client.local_state import site_local_params
 from client.site import SiteIdentity, resolve_site
+from client.site_cache import ByteBoundedCache
 from client.trainer import build_screener, evaluate, make_loader, train_local
 from shared.compression import COMPRESSION, encode_update
 from shared.config import FedmskConfig, from_yaml
@@ -50,13 +51,21 @@ def _job(job_yaml: str) -> FedmskConfig:
     return from_yaml(job_yaml, origin="run config sent by the server")
 
 
-@lru_cache(maxsize=64)
-def _site_datasets(data_dir: str, task_yaml: str, seed: int, private: bool):
-    """Decode and split the site's data once per process (Flower reuses it across rounds).
+SITE_CACHE = ByteBoundedCache(64 << 20)  # resized to each job's federation.site_cache_mb
 
-    In simulation one Ray worker plays many sites in turn (10 sites on 2 workers: 5 each), so
-    the cache holds up to 64 sites' decoded splits (a 40-patient 64x64 site is under 1 MB);
-    with only a few entries every round would reload every site from disk.
+
+def _site_datasets(data_dir: str, task_yaml: str, seed: int, private: bool):
+    """The site's decoded splits, kept per process between messages within ``federation.site_cache_mb``.
+
+    In simulation one Ray worker plays many sites in turn (200 sites on 2 workers: 100 each); a
+    bound in bytes, not sites, keeps its memory flat as the federation grows (client.site_cache).
+    """
+    SITE_CACHE.resize(int(_job(task_yaml).federation.site_cache_mb * 2**20))
+    return SITE_CACHE.get((data_dir, task_yaml, seed, private), lambda: _load_datasets(data_dir, task_yaml, seed, private))
+
+
+def _load_datasets(data_dir: str, task_yaml: str, seed: int, private: bool):
+    """Decode and split the site's data (from its on-disk decode cache after the first time).
 
     ``private``: the site trains under DP, so the clinical scaling comes from the task's
     reference values, not from its training patients (shared.sitedata.make_datasets).

@@ -22,6 +22,7 @@ from shared.config import FederationConfig
 from shared.losses import build_criterion
 from shared.metrics import classification_metrics
 from shared.models import build_model
+from shared.precision import Precision
 from shared.ssl import PretrainLoss, PretrainNet
 
 
@@ -127,6 +128,7 @@ def train_local(
     ``proximal_mu``: FedProx's pull toward the weights it starts from (client.proximal).
     """
     screener.to(device).train()
+    amp = Precision(fed.precision, device, private=privacy is not None)  # federation.precision
     optimizer = make_optimizer([p for p in screener.parameters() if p.requires_grad], fed)
     proximal = ProximalTerm(screener, proximal_mu) if proximal_mu else None
     module: nn.Module = screener
@@ -140,11 +142,12 @@ def train_local(
             image, clinical, label = _to(batch, device)
             if label.numel() == 0 and privacy is None:
                 continue  # under DP-SGD an empty Poisson batch still takes its noisy, accounted step
-            outputs = module(image, clinical)
-            loss, _parts = screener.criterion(outputs, label)
+            with amp.autocast():
+                outputs = module(image, clinical)
+                loss, _parts = screener.criterion(outputs, label)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            amp.backward(loss)
+            amp.step(optimizer, module)  # under DP: per-sample gradients to fp32 first
             steps += 1
             n = label.shape[0]
             total_loss += float(loss.detach()) * n

@@ -204,6 +204,12 @@ class FederationConfig:
     # the update a site sends (shared.compression): none (fp32 weights) | fp16 | int8 (deltas against
     # the global weights it received; the server decodes before validation and aggregation)
     compression: str = "none"
+    # decoded site splits a ClientApp process keeps between messages (client.site_cache), in MB; the
+    # newest site is always kept, older ones go first (a Ray worker plays many sites)
+    site_cache_mb: float = 64.0
+    # fp32 | bf16 | fp16: autocast of the forward pass and loss (shared.precision); weights, optimizer
+    # state and what travels stay fp32. fp16 needs a GradScaler and is refused under DP-SGD
+    precision: str = "fp32"
 
 
 @dataclass
@@ -282,6 +288,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.finetune": ("all", "heads", "norm_heads"),
     "federation.optimizer": ("adam", "sgd"),
     "federation.compression": ("none", "fp16", "int8"),
+    "federation.precision": ("fp32", "bf16", "fp16"),
     "pretrain.objective": ("none", "ssl", "crossmodal"),
     "pretrain.ssl_loss": ("simsiam", "bank"),
     "pretrain.negatives": ("bank", "batch"),
@@ -367,6 +374,11 @@ def validate(cfg: FedmskConfig) -> None:
     f = cfg.federation
     if f.local_epochs < 1 or f.batch_size < 1 or f.lr <= 0:
         raise ConfigError("config 'federation': local_epochs and batch_size must be >= 1 and lr > 0")
+    if f.site_cache_mb < 0:
+        raise ConfigError(f"config 'federation.site_cache_mb' is {f.site_cache_mb}; use MB >= 0 (0 keeps only the newest site)")
+    if f.precision == "fp16" and cfg.privacy.enabled:
+        raise ConfigError("config 'federation.precision' is 'fp16' with privacy.enabled: fp16 needs a GradScaler, whose "
+                          "loss scaling would be clipped and noised with the per-sample gradients; use precision=bf16 or fp32")
     if f.secure_aggregation and f.compression != "none":
         raise ConfigError(
             f"config 'federation.compression' is '{f.compression}' but federation.secure_aggregation is on: SecAgg+ "
