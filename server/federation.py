@@ -199,7 +199,8 @@ class Federation:
         if split == "test" and self.selected_round is not None:
             pooled["selected_round"] = self.selected_round
         self.recorder.metrics(rnd, "evaluate", "global", pooled, split=split)
-        self.on_progress(f"round {rnd}/{self.cfg.rounds}: {split} AUC over sites {pooled.get('auc', float('nan')):.3f}")
+        what = "AUC" if "auc" in pooled else "loss"  # a pretraining job reports its objective's loss only
+        self.on_progress(f"round {rnd}/{self.cfg.rounds}: {split} {what} over sites {pooled.get(what.lower(), float('nan')):.3f}")
         return pooled
 
     def select_final(self, arrays: ArrayRecord) -> ArrayRecord:

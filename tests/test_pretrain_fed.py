@@ -200,3 +200,24 @@ def test_composition_has_no_bound_where_a_run_had_no_dp() -> None:
     assert comp["sites"]["a"]["epsilon_total"] is None and "without DP" in comp["sites"]["a"]["note"]
     assert comp["sites"]["b"]["epsilon_total"] == 5.0 and comp["sites"]["c"]["epsilon_total"] == 1.0
     assert compose_privacy({"data": "public", "sites": {"x": {"patients": 3}}}, {}) is None  # public weights: nothing to add
+
+
+def test_deployment_serverapp_runs_a_pretraining_job_from_the_run_config(sites: Path, tmp_path: Path) -> None:
+    """What `fedmsk launch objective=...` / `flwr run` do: the deployed ServerApp (no config of its own) composes the
+    run config's overrides, and the sites' ClientApp answers through Flower messages; the encoders come out."""
+    from flwr.app import Context, RecordDict
+
+    from server.app import make_server_app
+
+    root = _copy(sites, tmp_path / "sites")
+    run_dir = tmp_path / "run"
+    overrides = " ".join(TINY + [f"data_root={root}", f"run_dir={run_dir}", "pretrain=crossmodal"])
+    grid = InProcessGrid(_nodes())
+    make_server_app()(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"overrides": overrides}))
+    assert {m.metadata.message_type for m in grid.sent} == {"train", "evaluate"}
+    card = json.loads((run_dir / "encoder_card.json").read_text())
+    assert card["objective"] == "crossmodal" and card["encoders"] == ["clinical", "image"]
+    assert all(s["patients"] > 0 and not s["dp"] for s in card["sites"].values())
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["phase"] == "evaluate" and r["split"] == "val" and r["site"] == "global"]
+    assert [r["round"] for r in val] == [0, 1] and all(r["loss"] > 0 for r in val)  # the objective's loss, no labels
