@@ -150,11 +150,18 @@ PAIRS = [(m, i) for i in ("random", "public") for m in ("mmcl", "image_only", "c
 
 
 def write_sites(root: Path, seed: int, sites: str = "small") -> Path:
+    """The synthetic federation of ``seed`` under ``root``, written once; a lock file lets grids run
+    in parallel processes share it (two writers of one folder would remove each other's files)."""
+    import fcntl
+
     from simulation.synth import write_federation
 
     folder = root / f"sites-{sites}-seed{seed}"
-    if not (folder / "oracle.csv").is_file():
-        write_federation(compose(FEDERATION + [f"seed={seed}", f"data_root={folder}", *SITES[sites]]))
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "oracle.csv").is_file():
+            write_federation(compose(FEDERATION + [f"seed={seed}", f"data_root={folder}", *SITES[sites]]))
     return folder
 
 
@@ -282,7 +289,7 @@ def grid(out: Path, pairs: list[tuple[str, str]], epsilons: list[float | None], 
             for seed in seeds:
                 if (model, eps, init, seed) in done:
                     continue
-                res = run_federated(write_sites(out, seed, sites), out / f"cell-{sites}",
+                res = run_federated(write_sites(out, seed, sites), out / f"cell-{path.stem}",  # one per process
                                     [*cell_overrides(out, model, init, eps), f"seed={seed}"])
                 cells.append({"model": model, "epsilon": eps, "init": init, "seed": seed, "sites": sites,
                               "preset": preset_text(eps), **res})
