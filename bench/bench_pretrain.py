@@ -45,9 +45,9 @@ from rich.console import Console
 from shared.config import compose
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# 5 sites of 180/140/100/160/120 patients (60 % train), 32x32 inputs, 4 rounds x 2 local epochs: small enough
+# 3 sites of 180/140/100 patients (108/84/60 train), 32x32 inputs, 3 rounds x 2 local epochs: small enough
 # for a few dozen cells on the loaded 2-core machine
-FEDERATION = ["num_sites=5", "rounds=4", "federation.local_epochs=2", "task.image_size=[32,32]", "synth.image_size=64"]
+FEDERATION = ["num_sites=3", "rounds=3", "federation.local_epochs=2", "task.image_size=[32,32]", "synth.image_size=64"]
 MODEL = ["model=mmcl", "model.aux_loss=prototype"]  # the DP presets' aux loss in every cell: one model with and without DP
 PRESETS = {None: [], 8.0: ["privacy=eps8"]}
 PRETRAIN_DP = ["privacy=eps4"]  # a DP fine-tuning cell's encoder was pretrained on the same patients under eps 4
