@@ -40,6 +40,7 @@ import statistics
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.inprocess_grid: the round loop without Ray
@@ -61,16 +62,46 @@ FEDERATION = ["num_sites=5", "rounds=4", "task.image_size=[32,32]"]
 
 
 # ---------------------------------------------------------------------------- 1. step time
-def _batch(n: int, size: list[int], n_clinical: int) -> dict[str, torch.Tensor]:
+STEP_MODELS = {  # each model's default task; fracture3d at its 32^3 CT size
+    "mmcl": ["model=mmcl"], "late_fusion": ["model=late_fusion"], "image_only": ["model=image_only"],
+    "fracture3d": ["task=vertebral_fracture", "model=fracture3d"],
+}
+OPACUS_HOOKS = "hooks (Opacus samplers)"  # hooks mode with Opacus' own conv sampler and torch.func fallbacks
+
+
+def _batch(n: int, size: list[int], n_clinical: int, n_classes: int = 2) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {"image": torch.rand(n, 1, *size, generator=g), "clinical": torch.randn(n, n_clinical, generator=g),
-            "label": torch.arange(n) % 2}
+            "label": torch.arange(n) % n_classes}
+
+
+@contextmanager
+def _opacus_samplers():
+    """Opacus' own grad samplers in place of client.grad_samplers' (the "before" of the same run)."""
+    from opacus.grad_sample import GradSampleModule
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    import client.grad_samplers as ours
+
+    registry = GradSampleModule.GRAD_SAMPLERS
+    saved = dict(registry)
+    registry.update({torch.nn.Conv2d: compute_conv_grad_sample, torch.nn.Conv3d: compute_conv_grad_sample})
+    for cls in (ours.LearnedScale, ours.PrototypeHead):
+        registry.pop(cls, None)
+    try:
+        yield
+    finally:
+        registry.clear()
+        registry.update(saved)
 
 
 def _make_step(mode: str, cfg, batch: dict[str, torch.Tensor]):
-    """A closure running one training step in ``mode`` ('plain' = no DP), or raise why it cannot."""
+    """A closure running one training step in ``mode`` ('plain' = no DP; OPACUS_HOOKS = hooks with
+    Opacus' samplers), or raise why it cannot."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
+
+    import client.privacy  # noqa: F401  (registers fedmsk's grad samplers, as at a site)
 
     screener = build_screener(cfg)
     opt = torch.optim.Adam([p for p in screener.parameters() if p.requires_grad], lr=1e-3)
@@ -99,44 +130,70 @@ def _make_step(mode: str, cfg, batch: dict[str, torch.Tensor]):
         step()
         return step
     model, optimizer, _ = engine.make_private(module=screener, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
-                                              max_grad_norm=1.0, grad_sample_mode=mode, poisson_sampling=False)
+                                              max_grad_norm=1.0, grad_sample_mode=mode.split()[0], poisson_sampling=False)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss, _ = screener.criterion(model(image, clinical), label)
         loss.backward()
         optimizer.step()
+    if mode == OPACUS_HOOKS:
+        def opacus_step() -> None:
+            with _opacus_samplers():
+                step()
+        opacus_step()
+        return opacus_step
     step()  # fail here, not in the timing loop
     return step
 
 
-def step_times(cfg, steps: int, batch_size: int) -> dict:
-    """Every mode on all layers, plus the DP fine-tuning route (model.finetune=norm_heads: pretrained
-    encoders kept, their norm layers and the heads trained), all interleaved in one loop."""
+def step_times(cfg, steps: int, batch_size: int, others: tuple[str, ...] = ()) -> dict:
+    """Every mode on ``cfg``'s model (MM-CL), the DP fine-tuning route (model.finetune=norm_heads:
+    pretrained encoders kept, their norm layers and the heads trained), and plain / hooks / Opacus'
+    hooks / ghost on the ``others`` of STEP_MODELS, all interleaved in one loop (load spikes hit every runner
+    alike). Wall-clock and thread-CPU medians: on a shared machine the CPU time is the steadier figure."""
     from dataclasses import replace
 
     from shared.clinical import feature_names
 
-    batch = _batch(batch_size, cfg.task.image_size, len(feature_names(cfg.task)))
+    def batch_for(c) -> dict[str, torch.Tensor]:
+        return _batch(batch_size, c.task.image_size, len(feature_names(c.task)), len(c.task.class_names or [0, 1]))
+
     tuned = replace(cfg, model=replace(cfg.model, finetune="norm_heads"))
+    plan = [("", m, cfg) for m in ("plain", "hooks", OPACUS_HOOKS, *(x for x in MODES if x != "hooks"))]
+    plan += [("", "plain norm_heads", tuned), ("", "hooks norm_heads", tuned)]
+    for name in others:
+        other = compose(STEP_MODELS[name] + list(SAME_MODEL))
+        plan += [(name, m, other) for m in ("plain", "hooks", OPACUS_HOOKS, "ghost")]
     runners, invalid = {}, {}
-    for mode, c in [("plain", cfg), *((m, cfg) for m in MODES), ("plain norm_heads", tuned), ("hooks norm_heads", tuned)]:
+    for model, mode, c in plan:
         try:
-            runners[mode] = _make_step(mode.split()[0], c, batch)
+            runners[(model, mode)] = _make_step(mode.split(" norm_heads")[0], c, batch_for(c))
         except Exception as exc:  # a mode Opacus cannot run on our model: reported, not fatal
-            invalid[mode] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-    times: dict[str, list[float]] = {m: [] for m in runners}
-    for m in runners:  # warm-up
-        runners[m]()
+            invalid[(model, mode)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    wall: dict = {k: [] for k in runners}
+    cpu: dict = {k: [] for k in runners}
+    for k in runners:  # warm-up
+        runners[k]()
     for _ in range(steps):
-        for m, run in runners.items():  # interleaved: load spikes hit every mode alike
-            t = time.perf_counter()
+        for k, run in runners.items():
+            t, c0 = time.perf_counter(), time.thread_time()
             run()
-            times[m].append(time.perf_counter() - t)
-    plain = statistics.median(times["plain"])
-    rows = {m: {"median_s": statistics.median(t), "ratio": statistics.median(t) / plain} for m, t in times.items()}
-    valid = [m for m in rows if m in MODES]
-    return {"rows": rows, "invalid": invalid, "fastest_valid": min(valid, key=lambda m: rows[m]["median_s"]) if valid else None}
+            cpu[k].append(time.thread_time() - c0)
+            wall[k].append(time.perf_counter() - t)
+
+    def rows(model: str) -> dict:
+        base_w, base_c = statistics.median(wall[(model, "plain")]), statistics.median(cpu[(model, "plain")])
+        return {m: {"median_s": statistics.median(wall[(mm, m)]), "ratio": statistics.median(wall[(mm, m)]) / base_w,
+                    "cpu_median_s": statistics.median(cpu[(mm, m)]), "cpu_ratio": statistics.median(cpu[(mm, m)]) / base_c}
+                for (mm, m) in runners if mm == model}
+
+    main_rows = rows("")
+    valid = [m for m in main_rows if m in MODES]
+    return {"rows": main_rows, "invalid": {m: why for (mm, m), why in invalid.items() if mm == ""},
+            "fastest_valid": min(valid, key=lambda m: main_rows[m]["median_s"]) if valid else None,
+            "models": {name: {"rows": rows(name), "invalid": {m: why for (mm, m), why in invalid.items() if mm == name}}
+                       for name in others}}
 
 
 # ---------------------------------------------------------------------------- 2./3. federated runs
@@ -209,18 +266,16 @@ def cell_overrides(out: Path, model: str, init: str, eps: float | None) -> list[
 # pretraining sites (seed 50) shares: never on a hospital's data, never on the grid's test patients.
 # Each candidate: (name, init, epsilon, overrides on top of the preset); one run per tuning seed.
 SWEEP = [
-    ("preset: sgd lr 0.1, batch 32", "random", 1.0, []),
+    ("sgd lr 0.1, batch 32", "random", 1.0, ["privacy.lr=0.1"]),
     ("sgd lr 0.03, batch 32", "random", 1.0, ["privacy.lr=0.03"]),
-    ("sgd lr 0.1, 1 local epoch", "random", 1.0, ["privacy.local_epochs=1"]),
-    ("sgd lr 0.1, encoders frozen at random init (norm_heads)", "random", 1.0, ["model.finetune=norm_heads"]),
-    ("preset: sgd lr 0.1, batch 32", "random", 8.0, []),
+    ("sgd lr 0.1, 1 local epoch", "random", 1.0, ["privacy.lr=0.1", "privacy.local_epochs=1"]),
+    ("sgd lr 0.1, encoders frozen at random init (norm_heads)", "random", 1.0, ["privacy.lr=0.1", "model.finetune=norm_heads"]),
+    ("sgd lr 0.1, batch 32", "random", 8.0, ["privacy.lr=0.1"]),
     ("sgd lr 0.03, batch 32", "random", 8.0, ["privacy.lr=0.03"]),
-    ("all layers, sgd lr 0.1", "public", 1.0, ["model.finetune=all"]),
+    ("all layers, sgd lr 0.1", "public", 1.0, ["model.finetune=all", "privacy.lr=0.1"]),
     ("all layers, sgd lr 0.03", "public", 1.0, ["model.finetune=all", "privacy.lr=0.03"]),
     ("norm_heads, sgd lr 0.1", "public", 1.0, ["model.finetune=norm_heads", "privacy.lr=0.1"]),
     ("norm_heads, sgd lr 0.03", "public", 1.0, ["model.finetune=norm_heads", "privacy.lr=0.03"]),
-    ("all layers, sgd lr 0.03", "public", 8.0, ["model.finetune=all", "privacy.lr=0.03"]),
-    ("norm_heads, sgd lr 0.03", "public", 8.0, ["model.finetune=norm_heads", "privacy.lr=0.03"]),
 ]
 TUNING_SEEDS = (100, 101)
 
@@ -231,7 +286,7 @@ def sweep(out: Path, seeds: tuple[int, ...], console: Console) -> list[dict]:
     refs = [("no DP", init, None, []) for init in ("random", "public")]
     for name, init, eps, extra in refs + SWEEP:
         for seed in seeds:
-            ov = [*cell_overrides(out, "mmcl", init, eps), *extra, f"seed={seed}"]
+            ov = [*cell_overrides(out, "mmcl", init, None), *PRESETS[eps], *extra, f"seed={seed}"]
             res = run_federated(write_sites(out, seed), out / "cell-sweep", ov)
             rows.append({"setting": name, "init": init, "epsilon": eps, "seed": seed, **res})
             console.print(f"  sweep {init} eps {eps} {name} seed {seed}: AUC {res['test_auc']:.3f} ({res['seconds']:.0f} s)")
@@ -395,13 +450,15 @@ def main() -> None:
         report["grid_step_cost"] = step_costs(args.step_models.split(","), args.steps, 32)
     if args.steps and not args.step_models:
         cfg = compose(["model=mmcl", "model.aux_loss=prototype"])
-        res = step_times(cfg, args.steps, args.batch)
-        table = Table("mode", "median step (s)", "DP / plain", title=f"MM-CL step, batch {args.batch}, {cfg.task.image_size}")
-        for m, r in res["rows"].items():
-            table.add_row(m, f"{r['median_s']:.4f}", f"{r['ratio']:.2f}x")
-        for m, why in res["invalid"].items():
-            table.add_row(m, "invalid", why)
-        console.print(table)
+        res = step_times(cfg, args.steps, args.batch, others=tuple(m for m in STEP_MODELS if m != "mmcl"))
+        for name, part in {"mmcl": res, **res["models"]}.items():
+            table = Table("mode", "median step (s)", "DP / plain", "CPU s", "CPU DP / plain",
+                          title=f"{name} step, batch {args.batch}")
+            for m, r in part["rows"].items():
+                table.add_row(m, f"{r['median_s']:.4f}", f"{r['ratio']:.2f}x", f"{r['cpu_median_s']:.4f}", f"{r['cpu_ratio']:.2f}x")
+            for m, why in part["invalid"].items():
+                table.add_row(m, "invalid", why)
+            console.print(table)
         console.print(f"fastest valid mode: [bold]{res['fastest_valid']}[/]")
         report["step_time"] = res | {"batch": args.batch, "steps": args.steps, "image_size": cfg.task.image_size}
     if args.sweep:
