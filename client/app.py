@@ -27,6 +27,7 @@ from client.site_cache import ByteBoundedCache
 from client.trainer import build_screener, evaluate, make_loader, train_local
 from shared.compression import COMPRESSION, encode_update
 from shared.config import FedmskConfig, from_yaml
+from shared.packing import packed_arrays_mod
 from shared.provenance import init_line
 from shared.ssl import check_pretrain_dp, objective_label
 from shared.messages import (
@@ -43,7 +44,7 @@ from shared.messages import (
 
 log = logging.getLogger("fedmsk.client")
 EVAL_SPLITS = ("val", "test")  # a site never releases metrics of its training patients
-app = ClientApp()
+app = ClientApp(mods=[packed_arrays_mod])  # deployment: one array per message on the wire (shared.packing)
 
 
 @lru_cache(maxsize=4)

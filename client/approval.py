@@ -131,8 +131,12 @@ def clientapp_command(approved: Path) -> list[str]:
     return [sys.executable, "-m", "client.approval", "clientapp", "--approved-builds", str(approved)]
 
 
-def _approving_executor(approved: Path):
-    """Flower's SubprocessExecutor, launching the checking ClientApp runner for ClientApp tasks."""
+def _approving_executor(approved: Path, launcher=None):
+    """Flower's SubprocessExecutor, launching the checking ClientApp runner for ClientApp tasks.
+
+    ``launcher`` (client.warm.WarmLauncher) forks each ClientApp from a process that already
+    imported it, instead of starting a new interpreter.
+    """
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor import LaunchResult
     from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
@@ -148,7 +152,7 @@ def _approving_executor(approved: Path):
             if spec.task_type != TaskType.CLIENT_APP:
                 return super().launch(spec)
             # Same arguments Flower's SubprocessExecutor passes to `flwr-clientapp`.
-            args = [*clientapp_command(approved), "--runtime-api-address", spec.runtime_api_address, "--token", spec.token]
+            args = ["--runtime-api-address", spec.runtime_api_address, "--token", spec.token]
             if spec.insecure:
                 args.append("--insecure")
             elif spec.root_certificates_path is not None:
@@ -157,24 +161,36 @@ def _approving_executor(approved: Path):
                 args += ["--parent-pid", str(spec.parent_pid)]
             if spec.runtime_dependency_install:
                 args.append("--allow-runtime-dependency-installation")
-            self.children.append(subprocess.Popen(args))  # noqa: S603 - our own interpreter and module
+            if launcher is not None:
+                self.children.append(launcher.launch(args))
+            else:
+                self.children.append(subprocess.Popen([*clientapp_command(approved), *args]))  # noqa: S603 - our own interpreter and module
             return LaunchResult.accepted()
 
     return ApprovingExecutor()
 
 
-def run_superexec(approved: Path, flower_args: list[str]) -> None:
-    """Run Flower's `flower-superexec` with the approving executor."""
+def run_superexec(approved: Path, flower_args: list[str], warm: bool = False) -> None:
+    """Run Flower's `flower-superexec` with the approving executor (``warm``: client.warm)."""
     import flwr.supercore.superexec.run_superexec as superexec_module
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
-    superexec_module.get_executor = lambda *a, **k: _approving_executor(approved)
+    launcher = None
+    if warm:
+        from client.warm import WarmLauncher
+
+        launcher = WarmLauncher(approved).start()
+    superexec_module.get_executor = lambda *a, **k: _approving_executor(approved, launcher)
     sys.argv = ["flower-superexec", *flower_args]
     flower_superexec()
 
 
-def run_clientapp(approved: Path, flower_args: list[str]) -> None:
-    """Run Flower's `flwr-clientapp` with the FAB check in front of the FAB installation."""
+def run_clientapp(approved: Path, flower_args: list[str], after_check=None) -> None:
+    """Run Flower's `flwr-clientapp` with the FAB check in front of the FAB installation.
+
+    ``after_check(fab_content)`` runs once the build is approved, before Flower installs and
+    imports it (client.warm.drop_stale_modules: the approved build's own code is what runs).
+    """
     import flwr.supernode.runtime.run_clientapp as runner
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
@@ -183,6 +199,8 @@ def run_clientapp(approved: Path, flower_args: list[str]) -> None:
 
     def install_if_approved(fab_content: bytes, *args, **kwargs):  # type: ignore[no-untyped-def]
         store.check(fab_content)
+        if after_check is not None:
+            after_check(fab_content)
         return install(fab_content, *args, **kwargs)
 
     runner.install_from_fab = install_if_approved
@@ -190,18 +208,31 @@ def run_clientapp(approved: Path, flower_args: list[str]) -> None:
     flwr_clientapp()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m client.approval", description=__doc__.splitlines()[0])
-    parser.add_argument("process", choices=("superexec", "clientapp"))
-    parser.add_argument("--approved-builds", required=True, type=Path)
-    args, flower_args = parser.parse_known_args(argv)
+def setup_logging() -> None:
+    """This module's log lines on stderr (the site's executor log), once per process."""
+    if log.handlers:
+        return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s fedmsk.approval: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False  # Flower's own loggers keep their format; only ours is added
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m client.approval", description=__doc__.splitlines()[0])
+    parser.add_argument("process", choices=("superexec", "clientapp"))
+    parser.add_argument("--approved-builds", required=True, type=Path)
+    parser.add_argument("--warm", action="store_true", help="superexec: fork each ClientApp from a warm process (client.warm)")
+    args, flower_args = parser.parse_known_args(argv)
+    setup_logging()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    (run_superexec if args.process == "superexec" else run_clientapp)(args.approved_builds, flower_args)
+    if args.process == "superexec":
+        run_superexec(args.approved_builds, flower_args, warm=args.warm)
+    else:
+        from client.warm import drop_stale_modules
+
+        run_clientapp(args.approved_builds, flower_args, after_check=drop_stale_modules)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,14 @@ site's own settings). It starts two Flower processes and keeps them together:
 
 The Runtime API between the two listens on 127.0.0.1 only and the executor proves itself
 with a per-start shared secret (``--superexec-auth-secret-file``).
+
+What a round costs at the site beyond its training (bench/bench_deploy.py measures it): the
+SuperNode runs through client.supernode (Flower's poll and heartbeat intervals, hard-coded in
+Flower 1.41, set to the site's ``Intervals``), and the executor forks each message's ClientApp
+from a process that imported it once (client.warm) instead of starting Python, torch and
+fedmsk again per message. Both processes run with Flower's telemetry and update check off: a
+hospital's node sends nothing to flower.ai, and a blocked outbound network never holds a
+ClientApp's exit (Flower waits up to 4 s for its telemetry event).
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from pathlib import Path
 import yaml
 
 from client.approval import ApprovedBuilds
-from server.superlink import ManagedProcess
+from client.supernode import HEARTBEAT_S, POLL_S, REPLY_POLL_S
+from server.superlink import ManagedProcess, quiet_flower_env
 from shared.config import ConfigError, load_site_file
 
 # Why a SuperNode stopped, in the site operator's words: (text in Flower's log, meaning).
@@ -73,6 +82,26 @@ def key_refused(settings: "JoinSettings", node_id: int) -> bool | None:
         except httpx.HTTPError:
             return None
     return False
+
+
+@dataclass(frozen=True)
+class Intervals:
+    """How a site's processes wait (client.supernode explains each and its cost).
+
+    ``warm``: fork each ClientApp from a process that imported it (client.warm); False runs
+    Flower's own fresh interpreter per message.
+    """
+
+    poll_s: float = POLL_S
+    reply_poll_s: float = REPLY_POLL_S
+    heartbeat_s: float = HEARTBEAT_S
+    warm: bool = True
+    task_poll_s: float = 0.2  # the executor's wait between two task requests (Flower: 1 s)
+
+    @classmethod
+    def flower(cls) -> "Intervals":
+        """Flower 1.41's own behaviour (bench/bench_deploy.py --stock)."""
+        return cls(poll_s=3.0, reply_poll_s=0.5, heartbeat_s=30.0, warm=False, task_poll_s=1.0)
 
 
 @dataclass(frozen=True)
@@ -149,31 +178,28 @@ def node_config(settings: JoinSettings, data_dir: str | None = None, device: str
     return " ".join(f'{k}="{v}"' for k, v in pairs.items())
 
 
-def _exe(name: str) -> str:
-    candidate = Path(sys.executable).with_name(name)
-    return str(candidate) if candidate.exists() else name
-
-
 class SiteNode:
     """The SuperNode and the approving executor of one site, started and stopped together."""
 
     def __init__(self, settings: JoinSettings, *, data_dir: str | None = None, device: str | None = None,
-                 state_dir: Path | None = None, max_retries: int | None = None, runtime_port: int | None = None) -> None:
+                 state_dir: Path | None = None, max_retries: int | None = None, runtime_port: int | None = None,
+                 intervals: Intervals | None = None) -> None:
         if runtime_port is not None:  # several sites on one machine (tests, demos) need distinct ports
             settings = replace(settings, runtime_port=runtime_port)
         self.settings = settings
         self.node_config = node_config(settings, data_dir, device)
         self.state_dir = (state_dir or settings.folder / "state").resolve()
         self.max_retries = max_retries
+        self.intervals = intervals or Intervals()
         self.supernode: ManagedProcess | None = None
         self.executor: ManagedProcess | None = None
         self.stopped_by_us = False  # Ctrl-C / SIGTERM / stop(): not a failure
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = quiet_flower_env(dict(os.environ))
         env["FLWR_HOME"] = str(self.state_dir / "flwr-home")  # where approved builds get installed
         env["PYTHONUNBUFFERED"] = "1"
-        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
+        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(self.intervals.task_poll_s)
         return env
 
     def start(self) -> "SiteNode":
@@ -188,8 +214,10 @@ class SiteNode:
         if not s.approved_builds.exists():
             ApprovedBuilds(s.approved_builds)._save({})  # an empty allow-list: nothing runs until approved
         runtime = f"127.0.0.1:{s.runtime_port}"
+        i = self.intervals
         argv = [
-            _exe("flower-supernode"),
+            sys.executable, "-m", "client.supernode",
+            "--poll-s", str(i.poll_s), "--reply-poll-s", str(i.reply_poll_s), "--heartbeat-s", str(i.heartbeat_s),
             "--superlink", s.superlink,
             "--root-certificates", str(s.ca_certificate),
             "--auth-supernode-private-key", str(s.private_key),
@@ -206,6 +234,7 @@ class SiteNode:
         self.executor = ManagedProcess(
             f"executor {s.site}",
             [sys.executable, "-m", "client.approval", "superexec", "--approved-builds", str(s.approved_builds),
+             *(["--warm"] if i.warm else []),
              "--runtime-api-address", runtime, "--insecure", "--superexec-auth-secret-file", str(secret),
              "--parent-pid", str(self.supernode.pid)],
             logs / "executor.log", env=env, cwd=self.state_dir,

@@ -147,6 +147,20 @@ class ManagedProcess:
         self._log.close()
 
 
+def quiet_flower_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with Flower's telemetry and update check off, for every process fedmsk starts.
+
+    Flower 1.41 posts a telemetry event to telemetry.flower.ai when each of its processes starts
+    and exits (a ClientApp: once per message) and waits up to 4 s for it at exit; where outbound
+    traffic is dropped rather than refused, that is 4 s per message. Hospitals and the
+    coordinator should not phone home in any case.
+    """
+    env = dict(env)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    return env
+
+
 def flwr_home(consortium: Consortium) -> Path:
     return consortium.root / "flwr-home"
 
@@ -161,7 +175,7 @@ def write_connection(home: Path, address: str, ca_cert: Path, name: str = CONNEC
 
 
 def flwr_env(home: Path) -> dict[str, str]:
-    env = with_own_bin(None)
+    env = quiet_flower_env(with_own_bin(None))
     env["FLWR_HOME"] = str(home)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env

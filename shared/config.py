@@ -204,6 +204,8 @@ class FederationConfig:
     # the update a site sends (shared.compression): none (fp32 weights) | fp16 | int8 (deltas against
     # the global weights it received; the server decodes before validation and aggregation)
     compression: str = "none"
+    # deployment: seconds between the ServerApp's pulls for the sites' replies (Flower's grid: 3 s; server/reply_poll.py)
+    reply_poll_s: float = 0.2
     # decoded site splits a ClientApp process keeps between messages (client.site_cache), in MB; the
     # newest site is always kept, older ones go first (a Ray worker plays many sites)
     site_cache_mb: float = 64.0
@@ -379,6 +381,8 @@ def validate(cfg: FedmskConfig) -> None:
     if f.precision == "fp16" and cfg.privacy.enabled:
         raise ConfigError("config 'federation.precision' is 'fp16' with privacy.enabled: fp16 needs a GradScaler, whose "
                           "loss scaling would be clipped and noised with the per-sample gradients; use precision=bf16 or fp32")
+    if not 0 < f.reply_poll_s <= 60:
+        raise ConfigError(f"config 'federation.reply_poll_s' is {f.reply_poll_s}; use seconds in (0, 60] (Flower's own grid: 3)")
     if f.secure_aggregation and f.compression != "none":
         raise ConfigError(
             f"config 'federation.compression' is '{f.compression}' but federation.secure_aggregation is on: SecAgg+ "

@@ -1,6 +1,13 @@
 """Helpers for the deployment tests: free ports, a throwaway Flower app, a copy of the fedmsk app,
 and a federation of real processes (SuperLink + gateway + SuperNodes) on 127.0.0.1 that always
-stops everything it started."""
+stops everything it started.
+
+``shared_consortium`` is the one consortium that tests/test_deploy_failures.py and
+tests/test_deploy_federation.py share (tests/conftest.py makes it session-scoped): starting a
+server and three warm sites is most of what a deployment test costs, so it is done once. A test
+that changes the consortium either leaves it as it found it (the lost-SuperLink test restarts the
+server and waits for the sites to come back; the killed site rejoins) or works on sites of its
+own (a revoked site is added for that test)."""
 
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from client.approval import ApprovedBuilds
-from client.join import SiteNode, load_join
+from client.join import Intervals, SiteNode, load_join
 from server.gateway import find_nginx
 from server.provision import Consortium
 from server.superlink import CONNECTION, CoordinatorServer, flwr_cli, node_states
@@ -147,13 +154,16 @@ class LocalFederation:
         self.server = CoordinatorServer(self.consortium, local_port=self.local_port, bind_host="127.0.0.1").start()
         return self.server
 
-    def join(self, name: str, bundle: Path | None = None, **settings_changes) -> SiteNode:
+    def join(self, name: str, bundle: Path | None = None, intervals: Intervals | None = None, max_retries: int | None = 0,
+             **settings_changes) -> SiteNode:
+        """Start a site. ``max_retries=0``: a refused site stops at once; ``None``: retries forever (survives a
+        SuperLink restart, as `fedmsk join` does)."""
         from dataclasses import replace
 
         settings = load_join(bundle or self.consortium.bundle_dir(name))
         if settings_changes:
             settings = replace(settings, **settings_changes)
-        node = SiteNode(settings, runtime_port=free_port(), max_retries=0).start()
+        node = SiteNode(settings, runtime_port=free_port(), max_retries=max_retries, intervals=intervals).start()
         self.nodes[f"{name}-{len(self.nodes)}"] = node
         return node
 
@@ -185,3 +195,54 @@ class LocalFederation:
             node.stop()
         if self.server is not None:
             self.server.stop()
+
+
+SITES = ["site_a", "site_b", "site_c"]
+# Tiny MM-CL runs: 3 sites (60/50/50 patients, 32x32 images), evaluation rounds off.
+TINY = [
+    "num_sites=3",
+    "synth.patients_per_site=[60,50,50]",
+    "synth.image_size=48",
+    "task.image_size=[32,32]",
+    "federation.local_epochs=1",
+    "model.width=8",
+    "model.embed_dim=32",
+    "model.proj_dim=16",
+    "model.aux_loss=prototype",  # per-sample: the sites' own privacy policy (DP on) refuses batch-coupled losses
+    "strategy.min_train_nodes=2",
+    "strategy.min_evaluate_nodes=2",
+    "strategy.min_available_nodes=2",
+    "strategy.round_timeout_s=300",
+    "strategy.fraction_evaluate=0.0",
+]
+COLD = Intervals(warm=False)  # for sites that are refused before any message: no fork server to import torch into
+
+
+def shared_consortium(root: Path):
+    """The shared consortium (a generator for a fixture): server, gateway and three online sites.
+
+    site_a and site_b approve the fedmsk app and the throwaway app ``toy``; site_c approves the
+    fedmsk app and a build of the throwaway app that differs by a byte (``toy_changed``), so it
+    refuses ``toy``. ``site_revoked`` has a bundle and is never started here.
+    """
+    from shared.config import compose
+    from simulation.synth import write_federation
+
+    require_nginx()
+    data = root / "sites"
+    write_federation(compose(TINY + [f"data_root={data}"]))
+    f = LocalFederation(root)
+    f.data = data
+    f.fedmsk_app = copy_fedmsk_app(root / "fedmsk_app")
+    f.toy = write_toy_app(root / "toy")
+    f.toy_changed = write_toy_app(root / "toy_changed", variant="one byte")
+    try:
+        for name in SITES:
+            f.add_site(name, data / name, approve=[f.fedmsk_app, f.toy_changed if name == "site_c" else f.toy])
+        f.add_site("site_revoked", data / "site_a")
+        f.start_server()
+        f.site_nodes = {name: f.join(name, max_retries=None) for name in SITES}
+        f.wait_online(3, timeout=120)
+        yield f
+    finally:
+        f.stop()

@@ -177,3 +177,127 @@ def test_the_server_restarts_a_dead_child_once_and_gives_up_after_the_limit(cons
     finally:
         for proc in started:
             proc.stop(timeout=2)
+
+
+def test_a_warm_clientapp_forgets_preloaded_modules_the_approved_build_does_not_hold(monkeypatch):
+    """client.warm: a preloaded package is reused only when the FAB holds byte-identical copies."""
+    import io
+    import types
+    import zipfile
+
+    import client.warm as warm
+
+    same, changed = b"x = 1\n", b"x = 2\n"
+    digest = hashlib.sha256(same).hexdigest()
+    monkeypatch.setattr(warm, "_PRELOADED", {"fakepkg.mod": ("fakepkg/mod.py", digest), "otherpkg.mod": ("otherpkg/mod.py", digest)})
+    for name in ("fakepkg", "fakepkg.mod", "otherpkg", "otherpkg.mod"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+
+    def fab(files: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for path, content in files.items():
+                z.writestr(path, content)
+        return buf.getvalue()
+
+    assert warm.drop_stale_modules(fab({"fakepkg/mod.py": same, "otherpkg/mod.py": same})) == []
+    assert "fakepkg.mod" in sys.modules and "otherpkg" in sys.modules
+    # one package's file differs, the other is missing from the build: both are imported from the build
+    assert warm.drop_stale_modules(fab({"fakepkg/mod.py": changed})) == ["fakepkg", "otherpkg"]
+    assert not {"fakepkg", "fakepkg.mod", "otherpkg", "otherpkg.mod"} & set(sys.modules)
+
+
+def test_the_site_supernode_polls_and_heartbeats_at_fedmsks_intervals(monkeypatch):
+    """client.supernode replaces Flower 1.41's hard-coded 3 s idle poll, 0.5 s reply poll and 30 s heartbeat."""
+    import time
+
+    import flwr.supercore.heartbeat as heartbeat
+    import flwr.supernode.fleet_http_connection as fleet
+    import flwr.supernode.start_client_internal as loop
+
+    import client.supernode as supernode
+
+    for module, name in ((loop, "time"), (fleet, "HEARTBEAT_DEFAULT_INTERVAL"), (heartbeat, "HEARTBEAT_DEFAULT_INTERVAL")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    supernode.apply_intervals(0.25, 0.05, 12.0)
+    loop.time.sleep(3)
+    loop.time.sleep(0.5)
+    loop.time.sleep(7)
+    assert slept == [0.25, 0.05, 7]
+    assert fleet.HEARTBEAT_DEFAULT_INTERVAL == 12.0 and heartbeat.HEARTBEAT_DEFAULT_INTERVAL == 12.0
+    assert loop.time.time is time.time
+    with pytest.raises(ValueError, match="accepts 10"):
+        supernode.apply_intervals(0.5, 0.1, 5.0)
+
+
+def test_the_serverapp_pulls_replies_at_the_configured_interval(monkeypatch):
+    """server.reply_poll: Flower's deployment grid sleeps 3 s between pulls; ours sleeps federation.reply_poll_s."""
+    from types import SimpleNamespace
+
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    import server.reply_poll as reply_poll
+
+    class FakeGrid(HttpGrid):
+        def __init__(self) -> None:  # no SuperLink: replies arrive on the third pull
+            self.pulls = 0
+
+        def push_messages(self, messages):
+            return ["m1", "m2"]
+
+        def pull_messages(self, message_ids):
+            self.pulls += 1
+            if self.pulls < 3:
+                return []
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=m)) for m in sorted(message_ids)]
+
+    slept = []
+    monkeypatch.setattr(reply_poll.time, "sleep", slept.append)
+    grid = reply_poll.quick_replies(FakeGrid(), 0.2)
+    replies = grid.send_and_receive([object(), object()], timeout=60)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m1", "m2"]
+    assert slept == [0.2, 0.2] and grid.pulls == 3
+    other = SimpleNamespace(send_and_receive=None)  # simulation's grid is left alone
+    assert reply_poll.quick_replies(other, 0.2) is other
+
+
+def test_packed_messages_carry_one_array_and_come_back_exactly(monkeypatch):
+    """shared.packing: a model's state dict travels as one array (Flower moves each array as its own request)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from shared.packing import pack_content, packed_arrays_mod, unpack_content
+
+    rng = np.random.default_rng(0)
+    arrays = {f"layer{i}.weight": rng.normal(size=(3, i + 1)).astype(np.float32) for i in range(20)}
+    arrays["bn.num_batches_tracked"] = np.array(7, dtype=np.int64)
+    arrays["half"] = rng.normal(size=(2, 2)).astype(np.float16)
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "config": ConfigRecord({"round": 1}), "metrics": MetricRecord({"num-examples": 5})})
+    packed = pack_content(content)
+    assert len(packed["arrays"]) == 1
+    assert len(get_all_nested_objects(packed)) < len(get_all_nested_objects(content)) // 5
+    back = unpack_content(packed)
+    assert list(back["arrays"]) == list(arrays) and set(back) == {"arrays", "config", "metrics"}
+    for name, value in arrays.items():
+        got = back["arrays"][name].numpy()
+        assert got.dtype == value.dtype and got.shape == value.shape and np.array_equal(got, value)
+    assert unpack_content(content) is content  # an unpacked message passes untouched
+
+    seen = {}
+
+    def handler(msg, ctx):  # the ClientApp's handler sees the plain arrays; its reply leaves packed
+        seen["names"] = list(msg.content["arrays"])
+        return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 5})}), reply_to=msg)
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key, value in (("run_id", 1), ("node_id", 0), ("task_id", 0)):  # a Message needs a task's identity
+        monkeypatch.setattr(TaskIdentity, f"_{key}", value)
+    msg = Message(packed, dst_node_id=1, message_type="train")
+    reply = packed_arrays_mod(msg, None, handler)
+    assert seen["names"] == list(arrays) and len(reply.content["arrays"]) == 1
+    assert np.array_equal(unpack_content(reply.content)["arrays"]["half"].numpy(), arrays["half"])
