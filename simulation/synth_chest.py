@@ -230,7 +230,7 @@ def _write_site(root: Path, spec: ChestSite, cfg: FedmskConfig, advance: Callabl
                BAD_SPELLING if i == bad_smoking else ("" if gone(miss / 2) else spec.smoking[pop.smoking[i]])]
         if spec.has_alcohol:
             row.append("" if gone(miss) else _yes_no(pop.alcohol[i], spec.yes_no))
-        row += [f"{pop.t_measured[i]:.1f}", int(pop.label[i])]
+        row += [f"{np.clip(pop.t_measured[i], -5.9, 3.9):.1f}", int(pop.label[i])]  # a DXA report's range (strong mixes overshoot)
         w.writerow(row)
     (site_dir / "clinical.csv").write_text(buf.getvalue())
 
