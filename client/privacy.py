@@ -40,6 +40,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+import client.grad_samplers  # noqa: F401  (registers fedmsk's per-sample gradient samplers with Opacus)
 from client.ledger import PrivacyLedger, RoundEntry, RunPlan, Step, merge_history
 from client.randomness import site_generator
 from shared.config import ConfigError, FederationConfig, PrivacyConfig, load_yaml_file
@@ -47,7 +48,7 @@ from shared.losses import DP_SAFE_AUX
 
 log = logging.getLogger("fedmsk.privacy")
 
-GRAD_SAMPLE_MODE = "hooks"  # fastest per-sample-gradient mode valid for our models and losses (bench/bench_dp.py)
+GRAD_SAMPLE_MODE = "hooks"  # with client.grad_samplers: the fastest valid mode for our models and losses (bench/bench_dp.py --steps)
 MAX_PHYSICAL_BATCH = 64  # larger logical batches are split by Opacus' BatchMemoryManager
 MAX_NOISE_MULTIPLIER = 32.0  # above this the noise drowns any gradient: a leftover budget this small counts as spent
 EPS_RTOL = 1e-3

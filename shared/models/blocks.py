@@ -143,8 +143,9 @@ class ImageEncoder(nn.Module):
 class LearnedScale(nn.Module):
     """``gamma * x`` with a learnable scalar gamma, zero at init (the residual branch starts off).
 
-    Its own module with one tensor in and one out, so Opacus computes gamma's per-sample
-    gradient through functorch (a bare parameter inside a module with child layers would not get one).
+    Its own module with one tensor in and one out, so Opacus gives gamma a per-sample gradient (a
+    bare parameter inside a module with child layers would not get one); client.grad_samplers
+    registers its closed form (sum of x * dL/dy per patient) instead of Opacus' torch.func fallback.
     """
 
     def __init__(self) -> None:
@@ -244,7 +245,7 @@ class PrototypeHead(nn.Module):
     their per-sample gradients like any other weight (a prototype trained outside the
     private model would learn from the batch without noise), and FedAvg aggregates them with
     the rest of the model. The module takes one tensor and returns one, so Opacus computes
-    its per-sample gradients through functorch.
+    its per-sample gradients (the closed form client.grad_samplers registers).
     """
 
     def __init__(self, proj_dim: int, n_classes: int, temperature: float) -> None:
