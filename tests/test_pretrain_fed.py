@@ -33,6 +33,16 @@ OBJECTIVES_DP = {"ssl": ["pretrain=ssl"], "ssl_bank": ["pretrain=ssl", "pretrain
                  "crossmodal": ["pretrain=crossmodal"]}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread, as each simulated site runs (federation.torch_threads): a small model's per-sample
+    gradients take seconds instead of a fraction of one when the busy machine's threads oversubscribe."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _nodes(n: int = 2) -> dict[int, dict]:
     return {100 + i: {"partition-id": i} for i in range(n)}
 
