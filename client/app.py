@@ -183,3 +183,6 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     site, metrics = run_evaluate(dict(context.node_config), str(config[JOB_KEY]), weights, str(config.get(SPLIT_KEY, "val")),
                                  int(config.get("server-round", 0)), str(config.get(RUN_ID_KEY, "")))
     return Message(content=site_reply(site_name=site.name, metrics=metrics, allowed=EVAL_METRIC_KEYS), reply_to=msg)
+
+
+import client.dad  # noqa: E402,F401 -- registers the "query.dad_profile" handler (federated DAD) on this app

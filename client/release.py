@@ -17,6 +17,10 @@ query under its own budget instead:
   Opacus' RDP accountant), and a split whose budget (``release_budget``) would be exceeded is
   not answered any more (ReleaseRefused -> an error reply; the round goes on).
 
+``release_intensity`` releases a site's intensity statistics for federated domain-adaptive
+denormalisation (shared.dad, client.dad) the same way: bounded sums, noised, booked as a "train"
+split release against the same budget.
+
 Nothing in Opacus or Flower noises a released metric, hence this module; the accounting for the
 Gaussian case is Opacus' (client.privacy.epsilon_of / calibrate_noise at sample rate 1).
 """
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -68,14 +72,40 @@ def count_groups(keys: list[str], n_classes: int) -> dict[str, tuple[list[str], 
     return groups
 
 
-def _split_cost(ledger: PrivacyLedger, split: str, policy: PrivacyConfig, extra: list[float]) -> float:
+def _split_cost(ledger: PrivacyLedger, split: str, policy: PrivacyConfig, extra: list[float], mechanism: str | None = None) -> float:
     """Epsilon of every release of ``split`` in the ledger plus ``extra`` ones (epsilons for Laplace,
-    noise multipliers sigma / L2-sensitivity for Gaussian)."""
-    past = [r for r in ledger.releases if r.split == split and r.mechanism == policy.release_noise]
-    if policy.release_noise == "laplace":
+    noise multipliers sigma / L2-sensitivity for Gaussian); ``mechanism`` defaults to the policy's."""
+    mechanism = mechanism or policy.release_noise
+    past = [r for r in ledger.releases if r.split == split and r.mechanism == mechanism]
+    if mechanism == "laplace":
         return sum(r.epsilon for r in past) + sum(extra)
     zs = [r.noise_scale / r.sensitivity for r in past] + extra
     return epsilon_of([(z, 1.0, 1) for z in zs], policy.delta, "rdp")
+
+
+def _mechanism(policy: PrivacyConfig, ledger: PrivacyLedger, split: str, mechanism: str, l1: float, l2: float,
+               rng: np.random.Generator) -> tuple[float, float, float, float, Callable[[], float]]:
+    """(noise scale, sensitivity, cost, the split's composed total, a noise draw) of one more release of
+    ``split`` at ``policy.release_epsilon``; ReleaseRefused when the total would pass ``release_budget``."""
+    if mechanism == "laplace":
+        sensitivity = float(l1)
+        scale = sensitivity / policy.release_epsilon
+        total = _split_cost(ledger, split, policy, [policy.release_epsilon], mechanism)
+        draw = lambda: rng.laplace(0.0, scale)  # noqa: E731
+    else:
+        sensitivity = float(l2)
+        z = calibrate_noise([], 1.0, 1, policy.release_epsilon, policy.delta, "rdp")
+        scale = z * sensitivity
+        total = _split_cost(ledger, split, policy, [z], mechanism)
+        draw = lambda: rng.normal(0.0, scale)  # noqa: E731
+    cost = total - _split_cost(ledger, split, policy, [], mechanism)
+    if total > policy.release_budget * (1 + 1e-3):
+        raise ReleaseRefused(
+            f"release budget spent: one more {split} release would take the {split} patients to epsilon {total:.2f}, "
+            f"past the site's release_budget {policy.release_budget:g}; the site declines to report {split} "
+            f"{'metrics' if split in ('val', 'test') else 'statistics'}"
+        )
+    return scale, sensitivity, cost, total, draw
 
 
 def release_counts(
@@ -87,23 +117,7 @@ def release_counts(
     l1 = sum(sens for _, sens in groups.values())
     l2 = math.sqrt(sum(sens**2 for _, sens in groups.values()))
     rng = np.random.default_rng(site_seed("release", run_id, rnd, split))
-    if policy.release_noise == "laplace":
-        sensitivity = float(l1)
-        scale = sensitivity / policy.release_epsilon
-        total = _split_cost(ledger, split, policy, [policy.release_epsilon])
-        draw = lambda: rng.laplace(0.0, scale)  # noqa: E731
-    else:
-        sensitivity = l2
-        z = calibrate_noise([], 1.0, 1, policy.release_epsilon, policy.delta, "rdp")
-        scale = z * sensitivity
-        total = _split_cost(ledger, split, policy, [z])
-        draw = lambda: rng.normal(0.0, scale)  # noqa: E731
-    cost = total - _split_cost(ledger, split, policy, [])
-    if total > policy.release_budget * (1 + 1e-3):
-        raise ReleaseRefused(
-            f"release budget spent: one more {split} release would take the {split} patients to epsilon {total:.2f}, "
-            f"past the site's release_budget {policy.release_budget:g}; the site declines to report {split} metrics"
-        )
+    scale, sensitivity, cost, total, draw = _mechanism(policy, ledger, split, policy.release_noise, l1, l2, rng)
     # every value that is neither a noised count nor recomputed from noised counts is withheld (NaN)
     out = {k: math.nan for k in metrics}
     for keys, _ in groups.values():
@@ -121,5 +135,32 @@ def release_counts(
         if key in out:
             out[key] = math.nan
     ledger.releases.append(ReleaseEntry(run_id, rnd, split, policy.release_noise, scale, sensitivity, cost, total, policy.delta))
+    ledger.save()
+    return out
+
+
+INTENSITY_SPLIT = "train"  # the patients a site trains and pretrains on: what its intensity statistics describe
+
+
+def release_intensity(images: np.ndarray, policy: PrivacyConfig, ledger: PrivacyLedger, *, run_id: str) -> dict[str, float]:
+    """A site's intensity statistics for federated domain-adaptive denormalisation (shared.dad), noised.
+
+    The statistic is ``shared.dad.intensity_sums`` of the site's training images (per-image mean and
+    std summed, and the count), each bounded per patient, so the release is a bounded-sum query:
+    Laplace (L1 sensitivity) or Gaussian (L2, accounted under RDP) noise at ``release_epsilon``, the
+    mechanism of the site's ``release_noise`` (Gaussian when that is none: these values never leave a
+    site raw). Booked in the ledger as a release of the "train" split, composed with the split's earlier
+    releases against ``release_budget`` (ReleaseRefused past it). The training patients' DP-SGD epsilon
+    and this release compose by addition (README, "Domain-adaptive denormalisation").
+    """
+    from shared.dad import SENSITIVITY, intensity_sums
+
+    mechanism = policy.release_noise if policy.release_noise != "none" else "gaussian"
+    l1 = sum(SENSITIVITY.values())
+    l2 = math.sqrt(sum(v * v for v in SENSITIVITY.values()))
+    rng = np.random.default_rng(site_seed("release", run_id, 0, INTENSITY_SPLIT))
+    scale, sensitivity, cost, total, draw = _mechanism(policy, ledger, INTENSITY_SPLIT, mechanism, l1, l2, rng)
+    out = {k: v + draw() for k, v in intensity_sums(images).items()}
+    ledger.releases.append(ReleaseEntry(run_id, 0, INTENSITY_SPLIT, mechanism, scale, sensitivity, cost, total, policy.delta))
     ledger.save()
     return out

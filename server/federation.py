@@ -250,5 +250,9 @@ def run_federation(grid: Grid, cfg: FedmskConfig, run_dir: Path, on_progress=Non
     import torch
 
     torch.manual_seed(cfg.seed)
+    if cfg.task.augment_dad == "federated":  # the sites' noised intensity releases -> profiles in the job config
+        from server.dad import gather_profiles
+
+        cfg = gather_profiles(grid, cfg, run_dir, on_progress)
     fed = Federation(grid, cfg, run_dir, on_progress)
     return fed.run(), fed.recorder

@@ -57,7 +57,8 @@ class InProcessGrid(Grid):
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
             ctx = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(), run_config={})
-            handler = client_app.train if msg.metadata.message_type == "train" else client_app.evaluate_fn
+            kind = msg.metadata.message_type
+            handler = client_app.train if kind == "train" else client_app.app if kind.startswith("query") else client_app.evaluate_fn
             try:
                 reply = handler(msg, ctx)
             except Exception as exc:  # what Flower turns into an error reply, in Flower's format
