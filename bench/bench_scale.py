@@ -1,0 +1,165 @@
+"""How many small sites `fedmsk simulate` runs on one machine, and whether its memory stays flat.
+
+Each size is one `fedmsk simulate` process (MM-CL, sites of 40 patients); a sampler thread sums
+the resident memory (psutil RSS) of that process and every descendant (Ray's GCS, raylet,
+agents and the ClientApp workers) every ``--interval`` s. Per run: the peak of the tree, and per
+round the tree's memory when the round's validation ends (the ``round k/R: val`` progress line)
+and its peak during the round. Two parts:
+
+* ``scale``: ``--sites`` sizes (default 10 50 200), ``--rounds`` rounds each; the figure is the
+  peak at N sites / the peak at the smallest N (goal: within +-5 %).
+* ``leak``: ``--leak-sites`` sites for ``--leak-rounds`` rounds; the figure is the memory after
+  round ``--leak-rounds`` / after round 2 (goal: no growth).
+
+Cheap by design on a loaded 2-core machine: tiny images (``--image-size``, default 32), one
+local step (batch size above a site's training split), few rounds.
+
+    python bench/bench_scale.py [--sites 10 50 200] [--rounds 3] [--leak-sites 20] [--leak-rounds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results"
+FEDMSK = str(Path(sys.executable).with_name("fedmsk"))
+ROUND_DONE = re.compile(r"round (\d+)/(\d+): val AUC")
+
+
+def tree_rss(root: psutil.Process) -> tuple[int, int]:
+    """(bytes, processes) of ``root`` and all its descendants; processes that ended meanwhile are skipped."""
+    total, count = 0, 0
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0, 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+            count += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total, count
+
+
+def base_overrides(n_sites: int, rounds: int, root: Path, image_size: int) -> list[str]:
+    return [f"num_sites={n_sites}", f"rounds={rounds}", "model=mmcl", "federation.local_epochs=1",
+            "federation.batch_size=64",  # above a 40-patient site's training split: one local step
+            f"task.image_size=[{image_size},{image_size}]", f"synth.image_size={image_size}",
+            "synth.patients_per_site=[40]", "synth.prevalence=[0.3]", "synth.missing_rate=[0.05]", f"data_root={root}"]
+
+
+def run_one(n_sites: int, rounds: int, out: Path, image_size: int, interval: float) -> dict:
+    from shared.config import compose
+    from simulation.synth import write_federation
+
+    root = out / f"sites{n_sites}"
+    over = base_overrides(n_sites, rounds, root, image_size)
+    if not root.exists():
+        t0 = time.perf_counter()
+        write_federation(compose(over))
+        print(f"  wrote {n_sites} sites in {time.perf_counter() - t0:.0f} s", flush=True)
+    run_dir = out / "runs" / f"sites{n_sites}-rounds{rounds}"
+    cmd = [FEDMSK, "simulate", *over, f"run_dir={run_dir}"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env=os.environ | {"OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+    ps = psutil.Process(proc.pid)
+    samples: list[tuple[float, int, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            rss, count = tree_rss(ps)
+            if count:
+                samples.append((time.perf_counter() - t0, rss, count))
+            stop.wait(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    marks: dict[int, float] = {}  # round -> seconds when its validation ended
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        tail = (tail + [line])[-60:]
+        m = ROUND_DONE.search(line)
+        if m:
+            marks[int(m.group(1))] = time.perf_counter() - t0
+    rc = proc.wait()
+    stop.set()
+    sampler.join()
+    seconds = time.perf_counter() - t0
+    if rc != 0 or len(marks) < rounds + 1:
+        raise SystemExit(f"fedmsk simulate at {n_sites} sites failed (exit {rc}, rounds seen {sorted(marks)}):\n{''.join(tail)}")
+    per_round = []
+    prev = 0.0
+    for rnd in sorted(marks):
+        window = [s for s in samples if prev <= s[0] <= marks[rnd]] or [min(samples, key=lambda s: abs(s[0] - marks[rnd]))]
+        at_end = min(samples, key=lambda s: abs(s[0] - marks[rnd]))
+        per_round.append({"round": rnd, "seconds": round(marks[rnd], 1), "peak_mb": max(s[1] for s in window) / 2**20,
+                          "end_mb": at_end[1] / 2**20, "processes": at_end[2]})
+        prev = marks[rnd]
+    peak = max(samples, key=lambda s: s[1])
+    return {"sites": n_sites, "rounds": rounds, "seconds": round(seconds, 1), "peak_mb": peak[1] / 2**20,
+            "processes_at_peak": peak[2], "per_round": per_round, "samples": len(samples)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sites", type=int, nargs="+", default=[10, 50, 200])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--leak-sites", type=int, default=20)
+    ap.add_argument("--leak-rounds", type=int, default=20, help="0 skips the leak run")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
+    ap.add_argument("--out", default="runs/bench-scale")
+    ap.add_argument("--json", default="scale.json", help="file name under bench/results/")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    result: dict = {"machine": f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+                    "image_size": args.image_size, "scale": [], "leak": None}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every run: a long benchmark cut short keeps what it measured
+        (RESULTS / args.json).write_text(json.dumps(result, indent=2))
+
+    for n in args.sites:
+        r = run_one(n, args.rounds, out, args.image_size, args.interval)
+        result["scale"].append(r)
+        base = result["scale"][0]["peak_mb"]
+        print(f"{n} sites x {args.rounds} rounds: {r['seconds']:.0f} s, peak {r['peak_mb']:.0f} MB "
+              f"({r['peak_mb'] / base - 1:+.1%} vs {result['scale'][0]['sites']} sites), {r['processes_at_peak']} processes",
+              flush=True)
+        save()
+    if args.leak_rounds:
+        r = run_one(args.leak_sites, args.leak_rounds, out, args.image_size, args.interval)
+        by_round = {x["round"]: x for x in r["per_round"]}
+        r["growth_end_mb"] = by_round[args.leak_rounds]["end_mb"] / by_round[2]["end_mb"] - 1
+        r["growth_peak_mb"] = by_round[args.leak_rounds]["peak_mb"] / by_round[2]["peak_mb"] - 1
+        result["leak"] = r
+        print(f"leak run, {args.leak_sites} sites x {args.leak_rounds} rounds: after round 2 {by_round[2]['end_mb']:.0f} MB, "
+              f"after round {args.leak_rounds} {by_round[args.leak_rounds]['end_mb']:.0f} MB ({r['growth_end_mb']:+.1%}); "
+              f"peak in round 2 vs {args.leak_rounds}: {r['growth_peak_mb']:+.1%}", flush=True)
+        save()
+    if result["scale"]:
+        base = result["scale"][0]
+        print("\n| sites | rounds | wall s | peak MB (process tree) | vs smallest |\n|---|---|---|---|---|")
+        for r in result["scale"]:
+            print(f"| {r['sites']} | {r['rounds']} | {r['seconds']:.0f} | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb'] - 1:+.1%} |")
+
+
+if __name__ == "__main__":
+    main()

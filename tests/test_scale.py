@@ -1,0 +1,59 @@
+"""Per-site state a process keeps stays bounded as the federation grows (client.site_cache).
+
+A Ray worker plays many simulated sites in turn; what it keeps of each must not grow with their
+number. Memory itself is measured by bench/bench_scale.py, not here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import client.app as client_app
+from client.site import list_sites
+from client.site_cache import ByteBoundedCache, nbytes
+from client.trainer import build_screener
+from shared.config import compose, to_yaml
+from simulation.synth import write_federation
+
+MB = 2**20
+
+
+def test_cache_stays_within_its_byte_bound_as_sites_grow():
+    cache = ByteBoundedCache(8 * MB)
+    loads = []
+    for site in range(50):
+        cache.get(site, lambda s=site: loads.append(s) or np.zeros(MB, np.uint8))
+        assert cache.bytes <= 8 * MB
+    assert len(cache) == 8 and sorted(cache._entries) == list(range(42, 50))  # the 8 most recent
+    cache.get(42, lambda: pytest.fail("a kept site is not reloaded"))
+    cache.get(50, lambda: np.zeros(MB, np.uint8))
+    assert 43 not in cache._entries and 42 in cache._entries  # a hit makes the site recent again
+    assert loads == list(range(50))
+
+
+def test_a_site_larger_than_the_bound_is_still_kept_alone():
+    cache = ByteBoundedCache(1 * MB)
+    cache.get("small", lambda: np.zeros(MB // 2, np.uint8))
+    cache.get("big", lambda: np.zeros(3 * MB, np.uint8))
+    assert list(cache._entries) == ["big"]  # a deployed site with more data than the bound never reloads itself
+    cache.get("big", lambda: pytest.fail("the newest site is kept"))
+
+
+def test_clientapp_keeps_site_splits_within_site_cache_mb(tmp_path):
+    """Six real sites through the ClientApp's evaluate, with room for about two: the cache never passes its bound."""
+    over = ["num_sites=6", "model=mmcl", "task.image_size=[32,32]", "synth.image_size=32", "synth.patients_per_site=[10]",
+            "synth.prevalence=[0.4]", "synth.missing_rate=[0.0]", f"data_root={tmp_path / 'fed'}", "device=cpu"]
+    write_federation(compose(over))
+    probe = compose(over)
+    site_bytes = nbytes(client_app._load_datasets(str(list_sites(tmp_path / "fed")[0]), to_yaml(probe), 0, False))
+    cfg = compose(over + [f"federation.site_cache_mb={2.5 * site_bytes / MB}"])
+    job, weights = to_yaml(cfg), build_screener(cfg).state_dict()
+    client_app.SITE_CACHE.clear()
+    for rnd in range(2):
+        for pid in range(6):
+            _, metrics = client_app.run_evaluate({"partition-id": pid}, job, weights, "val", rnd)
+            assert metrics["num-examples"] > 0
+            assert client_app.SITE_CACHE.bytes <= cfg.federation.site_cache_mb * MB
+    assert 1 <= len(client_app.SITE_CACHE) < 6
+    client_app.SITE_CACHE.clear()
