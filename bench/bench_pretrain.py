@@ -51,7 +51,7 @@ FEDERATION = ["num_sites=3", "rounds=3", "federation.local_epochs=2", "task.imag
 MODEL = ["model=mmcl", "model.aux_loss=prototype"]  # the DP presets' aux loss in every cell: one model with and without DP
 PRESETS = {None: [], 8.0: ["privacy=eps8"]}
 PRETRAIN_DP = ["privacy=eps4"]  # a DP fine-tuning cell's encoder was pretrained on the same patients under eps 4
-PRETRAIN_ROUNDS = ["rounds=4"]
+PRETRAIN_ROUNDS = ["rounds=3"]
 
 
 def write_sites(root: Path, seed: int) -> Path:
