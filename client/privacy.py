@@ -357,6 +357,7 @@ def budget_report(site_dir: str | Path, policy_file: str | Path | None = None) -
         plan = ledger.plans.get(entry.run_id)
         run["noise_multiplier"] = plan.noise_multiplier if plan else entry.noise_multiplier
         run["planned_steps"] = plan.planned_steps if plan else None
+        run["objective"] = plan.objective if plan else "supervised"  # what the steps trained (pretraining objective)
     return {
         "ledger": str(ledger.path),
         "policy": {k: getattr(policy, k) for k in POLICY_KEYS},

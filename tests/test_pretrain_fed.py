@@ -13,6 +13,7 @@ import torch
 from opacus import GradSampleModule
 
 from client.ledger import PrivacyLedger
+from client.privacy import budget_report
 from client.pretrain import pretrain_datasets
 from client.trainer import build_screener
 from server.federation import run_federation
@@ -182,6 +183,8 @@ def test_the_card_and_the_ledger_record_the_private_pretraining(dp_pretrained) -
     assert objectives == {"pretrain:ssl/simsiam", "pretrain:crossmodal/bank"}  # one plan per objective
     runs = {run for run, plan in ledger.plans.items()}
     assert {r.run_id for r in ledger.rounds} == runs and len(ledger.rounds) == 4  # 2 rounds per objective
+    report = budget_report(dp_pretrained["root"] / "site_a")  # what `fedmsk privacy` lists: epsilon per run and objective
+    assert {r["objective"] for r in report["runs"]} == objectives and all(r["epsilon"] > 0 for r in report["runs"])
 
 
 def test_a_model_fine_tuned_from_dp_pretrained_weights_composes_the_epsilons(dp_pretrained, tmp_path: Path) -> None:
