@@ -234,3 +234,14 @@ def test_deployment_serverapp_runs_a_pretraining_job_from_the_run_config(sites: 
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if r["phase"] == "evaluate" and r["split"] == "val" and r["site"] == "global"]
     assert [r["round"] for r in val] == [0, 1] and all(r["loss"] > 0 for r in val)  # the objective's loss, no labels
+
+
+def test_an_encoder_file_that_does_not_fit_stops_the_run_naming_the_file(tmp_path: Path) -> None:
+    wide = build_screener(compose(SMALL + ["model.width=8", "pretrain=ssl"])).net.encoders()["image"].state_dict()
+    path = tmp_path / "wide_encoder.pt"
+    torch.save({f"image.{k}": v for k, v in wide.items()}, path)
+    with pytest.raises(ConfigError, match=r"wide_encoder\.pt.*shape mismatch"):
+        build_screener(compose(SMALL + [f"model.pretrained_path={path}"]))
+    torch.save({f"clinical.{k}": v for k, v in wide.items()}, path)  # names that are no clinical encoder's
+    with pytest.raises(ConfigError, match=r"wide_encoder\.pt.*'clinical' encoder does not fit"):
+        build_screener(compose(SMALL + [f"model.pretrained_path={path}"]))
