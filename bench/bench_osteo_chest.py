@@ -77,7 +77,7 @@ def score_model(screener, cfg, federation) -> dict:
         mc = mcnemar_decisions(y, decisions["multimodal"], decisions[other])
         out[f"vs {other}"] = {"auc_diff": d.diff, "delong_p": d.p} | {
             f"mcnemar_{k}_p": r.p for k, r in mc.items()} | {f"mcnemar_{k}_bc": [r.b, r.c] for k, r in mc.items()}
-    out["mix_weight_image"] = float(torch.sigmoid(screener.net.mix.alpha).item())
+    out["mix_weight_image"] = float(screener.net.mix(torch.tensor([[[1.0], [0.0]]])).item())  # w itself
     return out
 
 
