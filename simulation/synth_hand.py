@@ -13,9 +13,9 @@ Latent model (also in ``<data_root>/README.txt``):
 
 - T = 0.3 - c * (0.045 (age - 60) + 0.6 [female]) + i * 0.9 u,  u ~ N(0, 1) an individual
   term the image shows and the table does not (c = synth.clinical_signal, i = synth.image_signal);
-- image: 2MCI = 0.52 + 0.05 T + N(0, 0.015) (clipped 0.2..0.75) sets the cortex of the 2nd and
+- image: 2MCI = 0.50 + 0.08 T + N(0, 0.015) (clipped 0.15..0.8) sets the cortex of the 2nd and
   3rd metacarpals; the other metacarpals, radius and ulna follow T more noisily (N(0, 0.05)),
-  and the trabecular brightness of every bone follows T weakly; bone size follows sex;
+  and the mineral density (brightness) of every bone is 1 + 0.15 T + N(0, 0.08); bone size follows sex;
   positioning (shift, rotation, zoom) jitters;
 - label: osteoporosis = 1[T + e <= t_site], e ~ N(0, 0.5) (DXA vs hand-cortex disagreement),
   t_site the quantile giving the site's prevalence; oracle.csv holds -T (the best score).
@@ -69,13 +69,13 @@ def render_hand(t: float, female: bool, rng: np.random.Generator, size: int, sca
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     c = REF / 2.0
     u, v = (xx + 0.5) * k - c, (yy + 0.5) * k - c
-    ang = math.radians(rng.normal(0.0, 4.0))
-    z = scale * rng.normal(1.0, 0.04)
-    x = (math.cos(ang) * u + math.sin(ang) * v) / z + c - rng.normal(0.0, 3.0)
-    y = (-math.sin(ang) * u + math.cos(ang) * v) / z + c - rng.normal(0.0, 3.0)
+    ang = math.radians(rng.normal(0.0, 2.5))
+    z = scale * rng.normal(1.0, 0.03)
+    x = (math.cos(ang) * u + math.sin(ang) * v) / z + c - rng.normal(0.0, 2.0)
+    y = (-math.sin(ang) * u + math.cos(ang) * v) / z + c - rng.normal(0.0, 2.0)
     b = (0.94 if female else 1.06) * rng.normal(1.0, 0.03)
-    density = float(np.clip(1.0 + 0.08 * t + rng.normal(0, 0.08), 0.5, 1.4))
-    mci = float(np.clip(0.52 + 0.05 * t + rng.normal(0, 0.015), 0.2, 0.75))
+    density = float(np.clip(1.0 + 0.15 * t + rng.normal(0, 0.08), 0.4, 1.5))
+    mci = float(np.clip(0.50 + 0.08 * t + rng.normal(0, 0.015), 0.15, 0.8))
     labels = np.zeros(x.shape, np.int64)
 
     # soft tissue: forearm, palm, fingers
