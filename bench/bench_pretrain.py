@@ -60,7 +60,18 @@ def write_sites(root: Path, seed: int) -> Path:
     sites = root / f"sites-seed{seed}"
     if not (sites / "oracle.csv").is_file():
         write_federation(compose(FEDERATION + [f"seed={seed}", f"data_root={sites}"]))
+        _warm(sites)
     return sites
+
+
+def _warm(sites: Path) -> None:
+    """Decode every site once into its (content-keyed) preprocessing cache, which each cell's copy takes along."""
+    from client.site import list_sites
+    from shared.sitedata import load_site
+
+    task = compose(FEDERATION).task
+    for folder in list_sites(sites):
+        load_site(folder, task, labelled_only=False)
 
 
 def _fresh(sites: Path, work: Path) -> Path:
@@ -106,6 +117,7 @@ def public_encoder(out: Path) -> tuple[Path, float]:
             from simulation.synth import write_federation
 
             write_federation(compose(FEDERATION + ["num_sites=5", "seed=50", f"data_root={public}"]))
+            _warm(public)
         pretrain_public(compose(FEDERATION + MODEL + ["num_sites=5", "seed=50", f"data_root={public}",
                                                       f"run_dir={weights.parent}"]), Console(quiet=True))
     return weights, 0.0
