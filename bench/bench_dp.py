@@ -40,7 +40,7 @@ import statistics
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.inprocess_grid: the round loop without Ray
@@ -129,8 +129,9 @@ def _make_step(mode: str, cfg, batch: dict[str, torch.Tensor]):
             optimizer.step()
         step()
         return step
-    model, optimizer, _ = engine.make_private(module=screener, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
-                                              max_grad_norm=1.0, grad_sample_mode=mode.split()[0], poisson_sampling=False)
+    with _opacus_samplers() if mode == OPACUS_HOOKS else nullcontext():  # wrapped as it will run
+        model, optimizer, _ = engine.make_private(module=screener, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
+                                                  max_grad_norm=1.0, grad_sample_mode=mode.split()[0], poisson_sampling=False)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -246,11 +247,16 @@ def run_federated(sites: Path, work: Path, overrides: list[str]) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def cell_overrides(out: Path, model: str, init: str, eps: float | None) -> list[str]:
+def cell_overrides(out: Path, model: str, init: str, eps: float | None, accountant: str | None = None) -> list[str]:
     """A grid cell's config: ``model`` is a model name, or ``mmcl@<aux>`` for MM-CL with another
-    DP-safe auxiliary loss (random init only: the public weights carry the prototype head)."""
+    DP-safe auxiliary loss (random init only: the public weights carry the prototype head).
+    ``accountant``: rdp instead of the preset's prv where PRV's CPU cost (seconds per epsilon on a
+    loaded CPU, ~80 per cell) does not fit; RDP is looser, so it adds noise for the same epsilon and
+    the AUC it gives is a lower bound for the preset's."""
     name, _, aux = model.partition("@")
     ov = [f"model={name}", *SAME_MODEL, *PRESETS[eps]]
+    if accountant and eps is not None:
+        ov.append(f"privacy.accountant={accountant}")
     if aux:
         ov.append(f"model.aux_loss={aux}")  # a value override wins over the preset's aux_loss
     if init == "public":
@@ -295,13 +301,13 @@ def sweep(out: Path, seeds: tuple[int, ...], console: Console) -> list[dict]:
 
 def sweep_table(rows: list[dict]) -> str:
     """Mean test AUC per candidate over the tuning seeds (the choice is the best mean per init and epsilon)."""
-    groups: dict[tuple, list[float]] = {}
+    groups: dict[tuple, list[tuple[int, float]]] = {}
     for r in rows:
-        groups.setdefault((r["init"], r["epsilon"], r["setting"]), []).append(r["test_auc"])
-    lines = ["| init | DP | setting | test AUC per tuning seed | mean |", "|---|---|---|---|---|"]
-    for (init, eps, name), aucs in groups.items():
+        groups.setdefault((r["init"], r["epsilon"], r["setting"]), []).append((r["seed"], r["test_auc"]))
+    lines = ["| init | DP | setting | test AUC (tuning seed: AUC) | mean |", "|---|---|---|---|---|"]
+    for (init, eps, name), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 99), kv[0][2])):
         lines.append(f"| {init} | {'no DP' if eps is None else f'eps {eps:g}'} | {name} | "
-                     f"{', '.join(f'{a:.3f}' for a in aucs)} | {statistics.mean(aucs):.3f} |")
+                     f"{', '.join(f'{seed}: {a:.3f}' for seed, a in runs)} | {statistics.mean(a for _, a in runs):.3f} |")
     return "\n".join(lines)
 
 
@@ -330,7 +336,7 @@ def preset_text(eps: float | None) -> str:
 
 
 def grid(out: Path, pairs: list[tuple[str, str]], epsilons: list[float | None], seeds: list[int], sites: str,
-         path: Path, report: dict, console: Console) -> list[dict]:
+         path: Path, report: dict, console: Console, accountant: str | None = None) -> list[dict]:
     """Every cell once, (model, init) pairs in the order given, all seeds of a setting together;
     each cell is appended to the JSON as it finishes (a partial grid is still a result)."""
     key = f"grid_{sites}"
@@ -345,12 +351,25 @@ def grid(out: Path, pairs: list[tuple[str, str]], epsilons: list[float | None], 
                 if (model, eps, init, seed) in done:
                     continue
                 res = run_federated(write_sites(out, seed, sites), out / f"cell-{path.stem}",  # one per process
-                                    [*cell_overrides(out, model, init, eps), f"seed={seed}"])
+                                    [*cell_overrides(out, model, init, eps, accountant), f"seed={seed}"])
                 cells.append({"model": model, "epsilon": eps, "init": init, "seed": seed, "sites": sites,
-                              "preset": preset_text(eps), **res})
+                              "preset": preset_text(eps), "accountant": None if eps is None else accountant or "preset", **res})
                 path.write_text(json.dumps(report, indent=1))
                 console.print(f"  {sites} {model} eps {eps} {init} seed {seed}: AUC {res['test_auc']:.3f} ({res['seconds']:.0f} s)")
     return cells
+
+
+def merge_grids(report: dict, other: dict) -> None:
+    """Add another results file's grid cells (same federation and PUBLIC_DP) to ``report``; a cell
+    both ran (same model, epsilon, init, seed and preset) is kept once, the first."""
+    for key, part in other.items():
+        if not (key.startswith("grid_") and isinstance(part, dict) and "cells" in part):
+            continue
+        mine = report.setdefault(key, {"signature": part["signature"], "cells": []})
+        if mine["signature"] != part["signature"]:
+            raise SystemExit(f"--merge: {key} of the other file ran on another federation: {part['signature']}")
+        seen = {(c["model"], c["epsilon"], c["init"], c["seed"], c.get("preset")) for c in mine["cells"]}
+        mine["cells"] += [c for c in part["cells"] if (c["model"], c["epsilon"], c["init"], c["seed"], c.get("preset")) not in seen]
 
 
 def grid_table(cells: list[dict], step_cost: dict[str, float], pairs: list[tuple[str, str]]) -> str:
@@ -384,6 +403,20 @@ def grid_table(cells: list[dict], step_cost: dict[str, float], pairs: list[tuple
                      f"{np.mean(oracle):.3f} | {'-' if cost is None else f'{cost:.2f}x'} |" if oracle else
                      f"| {model} | {init} | {' | '.join(out)} | - | - | {'-' if cost is None else f'{cost:.2f}x'} |")
     return "\n".join(lines)
+
+
+def step_cost_of(report: dict) -> dict[str, float]:
+    """The grid's step-cost column from the ``--steps`` part of the same JSON (its batch and size) when
+    no grid-size ``--step-models`` run is there: hooks over plain, all layers and norm_heads."""
+    st = report.get("step_time", {})
+    costs = {}
+    for name, part in [("mmcl", st), *st.get("models", {}).items()]:
+        rows = part.get("rows", {})
+        if "hooks" in rows and "plain" in rows:
+            costs[f"{name}:all"] = rows["hooks"]["ratio"] / rows["plain"]["ratio"]
+        if "hooks norm_heads" in rows and "plain norm_heads" in rows:
+            costs[f"{name}:norm_heads"] = rows["hooks norm_heads"]["ratio"] / rows["plain norm_heads"]["ratio"]
+    return costs
 
 
 def step_costs(models: list[str], steps: int, batch: int) -> dict[str, float]:
@@ -434,6 +467,8 @@ def main() -> None:
     ap.add_argument("--sites", choices=list(SITES), default="small", help="site size of the grid's federations")
     ap.add_argument("--step-models", default="", help="models whose DP step cost (hooks / plain, grid input size, "
                     "batch 32) goes beside the grid; needs --steps")
+    ap.add_argument("--accountant", choices=["prv", "rdp"], help="override the presets' accountant in the grid's DP "
+                    "cells (rdp: cheaper, looser, so a lower bound on the preset's AUC)")
     ap.add_argument("--json", default=str(RESULTS / "bench_dp.json"), help="the results file (read, updated, written)")
     ap.add_argument("--merge", nargs="*", default=[], help="other results files whose grids to copy into --json "
                     "(grids run in parallel processes)")
@@ -476,15 +511,15 @@ def main() -> None:
         console.print(table)
         report["audit"] = rows
     for other in args.merge:
-        report |= {k: v for k, v in json.loads(Path(other).read_text()).items() if k.startswith("grid_")}
+        merge_grids(report, json.loads(Path(other).read_text()))
     pairs = [tuple(c.split(":")) for c in args.cells.split(",")]
     if args.grid:
         eps = [None if e == "none" else float(e) for e in args.epsilons.split(",")]
-        grid(out, pairs, eps, [int(x) for x in args.seeds.split(",")], args.sites, path, report, console)
+        grid(out, pairs, eps, [int(x) for x in args.seeds.split(",")], args.sites, path, report, console, args.accountant)
     for sites in SITES:  # (re)rendered on every run, with the latest step costs
         if report.get(f"grid_{sites}", {}).get("cells"):
             cells = report[f"grid_{sites}"]["cells"]
-            report[f"grid_{sites}"]["table"] = grid_table(cells, report.get("grid_step_cost", {}), PAIRS)
+            report[f"grid_{sites}"]["table"] = grid_table(cells, report.get("grid_step_cost") or step_cost_of(report), PAIRS)
             console.print(f"{sites} sites:\n" + report[f"grid_{sites}"]["table"])
     report.pop("grid", None)  # the grid of the earlier presets (README history), superseded by grid_<sites>
     path.write_text(json.dumps(report, indent=1))
