@@ -245,6 +245,9 @@ class PretrainConfig:
     epsilon: float | None = None
     proj_dim: int = 64  # projection size the objective compares in
     temperature: float = 0.2  # bank / batch contrast
+    # weight of a per-sample reconstruction term (each encoder's embedding decodes its own input, coarsely):
+    # without it the negative-free and bank objectives collapse every patient to one embedding (measured)
+    recon_weight: float = 1.0
 
 
 @dataclass
