@@ -26,6 +26,7 @@ image onto a target mean/std drawn from a set of domain profiles, hence ``Domain
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ from shared.config import DadProfile, TaskConfig
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger("fedmsk.dad")
 MIN_STD = 0.01  # a flat image (std ~ 0) is left as it is; a profile's std is kept at least this
 STD_BOUND = 0.5  # the std of values in [0, 1] is at most 0.5: the bound of a released std sum per patient
 SUMS = ("sum_mean", "sum_std", "count")
@@ -77,8 +79,10 @@ def denormalise(image: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 
 
 def target_profiles(task: TaskConfig, own_site: str | None) -> list[DadProfile]:
-    """The profiles a site may re-style towards: ``task.dad_profiles`` without its own release."""
-    return [p for p in task.dad_profiles if p.name != own_site]
+    """The profiles a site may re-style towards: those of ``task.dad_profiles`` from the mode's source
+    (public ones for ``public``, noised releases for ``federated``), without the site's own release."""
+    federated = task.augment_dad == "federated"
+    return [p for p in task.dad_profiles if p.source.startswith("federated") == federated and p.name != own_site]
 
 
 class DomainDenormalised(RandomizableTransform, MapTransform):
@@ -100,19 +104,21 @@ class DomainDenormalised(RandomizableTransform, MapTransform):
         return out
 
 
-def dad_transform(task: TaskConfig, own_site: str | None, seed: int):
+def dad_transform(task: TaskConfig, own_site: str | None, seed: int) -> DomainDenormalised | None:
     """The DAD step of a site's training augmentation, or None (``task.augment_dad=none``).
 
-    ``federated`` needs the profiles the server filled in from the sites' releases; a job without
-    them is refused rather than trained silently without DAD.
+    ``public`` without profiles is a config error (shared.config). ``federated`` profiles exist only
+    in the job config a federated run sends (server.dad fills them before round 1); a loader outside
+    such a run (researcher-side evaluation, `fedmsk central`) has none, is told so, and goes on
+    without DAD.
     """
     if task.augment_dad == "none":
         return None
     profiles = target_profiles(task, own_site)
     if not profiles:
-        how = ("the server fills them from the sites' noised releases (server.dad) before round 1"
-               if task.augment_dad == "federated" else "list public profiles under task.dad_profiles")
-        raise ValueError(f"task.augment_dad={task.augment_dad} but no domain profile other than this site's own: {how}")
+        log.warning("task.augment_dad=%s but no domain profile other than %s's own: this data is loaded without DAD "
+                    "(federated profiles come from the sites' releases in a federated run)", task.augment_dad, own_site)
+        return None
     transform = DomainDenormalised(profiles, task.dad_prob)
     transform.set_random_state(seed=seed)
     return transform

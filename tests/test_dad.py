@@ -108,6 +108,11 @@ def test_federated_profiles_come_from_noised_releases_only(tmp_path):
         assert entry.split == "train" and entry.epsilon == pytest.approx(2.0)
     (sent,) = {str(m.content["config"]["fedmsk-job"]) for m in grid.sent if m.metadata.message_type == "train"}
     assert f"mean: {profiles['consortium']['mean']}" in sent  # the profiles travel to the sites in the job config
+    from shared.config import from_yaml
+    from shared.dad import dad_transform
+
+    restyle = dad_transform(from_yaml(sent).task, "site_a", 0)  # what site_a's training augmentation re-styles towards
+    assert {p.name for p in restyle.profiles} == {"site_b", "consortium"}
     # a second run would take the releases to epsilon 4 > budget 3: every site refuses, the run stops at start
     with pytest.raises(RuntimeError, match="no site released"):
         run_federation(InProcessGrid({100: {"partition-id": 0}, 101: {"partition-id": 1}}),
