@@ -42,6 +42,10 @@ def backend_config(cfg: FedmskConfig) -> dict:
 # fedmsk starts; a cluster joined through simulation.ray_address keeps its own setting.
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
 WARM_HOOK = "simulation.runner.warm_worker"
+# Ray waits a hard-coded 30 s for its raylet to register (ray/_private/node.py); on an overloaded
+# machine that can pass once and succeed on the next try
+RAY_START_ATTEMPTS = 3
+log = logging.getLogger("fedmsk.simulate")
 
 
 def warm_worker() -> None:
@@ -78,7 +82,18 @@ def start_ray(cfg: FedmskConfig) -> None:
     threads = str(max(1, cfg.federation.torch_threads))
     env_vars = {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     init_args = backend_config(cfg)["init_args"]
-    ray.init(runtime_env={"env_vars": env_vars, "worker_process_setup_hook": WARM_HOOK}, **init_args)
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(runtime_env={"env_vars": env_vars, "worker_process_setup_hook": WARM_HOOK}, **init_args)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+            log.warning("Ray did not start within its 30 s (attempt %d of %d): %s", attempt, RAY_START_ATTEMPTS, exc)
+    raise RuntimeError(f"Ray's local node did not start within 30 s, {RAY_START_ATTEMPTS} times: the machine is too loaded "
+                       f"to start Ray's processes (Ray's own limit, not a fedmsk setting); retry when it is less busy, "
+                       f"or run on a started cluster with simulation.ray_address")
 
 
 def check_ray_address(address: str | None, timeout_s: float = 3.0) -> None:
