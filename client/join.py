@@ -98,6 +98,15 @@ class Intervals:
     warm: bool = True
     task_poll_s: float = 0.2  # the executor's wait between two task requests (Flower: 1 s)
 
+    def check(self) -> None:
+        """Refuse values Flower's SuperLink would refuse or that make no sense (before anything starts)."""
+        from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
+
+        if not HEARTBEAT_MIN_INTERVAL <= self.heartbeat_s <= HEARTBEAT_MAX_INTERVAL:
+            raise ConfigError(f"--heartbeat-s {self.heartbeat_s}: the server accepts {HEARTBEAT_MIN_INTERVAL}-{HEARTBEAT_MAX_INTERVAL} s")
+        if not (0 < self.poll_s <= 60 and 0 < self.reply_poll_s <= 60):
+            raise ConfigError(f"--poll-s {self.poll_s}: use seconds in (0, 60]")
+
     @classmethod
     def flower(cls) -> "Intervals":
         """Flower 1.41's own behaviour (bench/bench_deploy.py --stock)."""

@@ -1,6 +1,7 @@
-"""Deployment failures that must be loud, on real processes on 127.0.0.1 (one consortium shared by
-the tests, in this order): a run nobody trains in, a killed executor, a revoked running site, a
-SuperLink that disappears under `fedmsk launch`. Every process is stopped by the fixture."""
+"""Deployment failures that must be loud, on real processes on 127.0.0.1 (the consortium shared with
+tests/test_deploy_federation.py, tests/deploy_helpers.py): a run nobody trains in, a killed executor,
+a revoked running site, a SuperLink that disappears under `fedmsk launch` (restarted afterwards, and
+the sites come back by themselves). Every process is stopped by the fixture."""
 
 import os
 import re
@@ -14,41 +15,16 @@ import pytest
 import server.launch as launch_module
 from cli.main import main as fedmsk
 from client.join import REVOKED, SiteNode, load_join
-from server.launch import LaunchError, launch
-from server.superlink import revoke_site
-from shared.config import compose
-from simulation.synth import write_federation
-from deploy_helpers import LocalFederation, copy_fedmsk_app, free_port, require_nginx, write_toy_app
+from server.launch import launch
+from server.superlink import CONNECTION, revoke_site, sync_site_keys
+from deploy_helpers import COLD, SITES, TINY, free_port
 
 pytestmark = pytest.mark.deploy
 
-SITES = ["site_a", "site_b"]
-TINY = [
-    "num_sites=2", "synth.patients_per_site=[40,40]", "synth.image_size=48", "task.image_size=[32,32]",
-    "federation.local_epochs=1", "model.width=8", "model.embed_dim=32", "model.proj_dim=16",
-    "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2", "strategy.min_available_nodes=2",
-    "strategy.round_timeout_s=300", "strategy.fraction_evaluate=0.0",
-]
 
-
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory):
-    require_nginx()
-    root = tmp_path_factory.mktemp("failures")
-    data = root / "sites"
-    write_federation(compose(TINY + [f"data_root={data}"]))
-    f = LocalFederation(root)
-    f.fedmsk_app = copy_fedmsk_app(root / "fedmsk_app")
-    f.toy = write_toy_app(root / "toy")
-    try:
-        for name in SITES:
-            f.add_site(name, data / name, approve=[f.fedmsk_app, f.toy])
-        f.start_server()
-        f.site_nodes = {name: f.join(name) for name in SITES}
-        f.wait_online(2)
-        yield f
-    finally:
-        f.stop()
+@pytest.fixture
+def fed(deploy_consortium):
+    return deploy_consortium
 
 
 def test_join_reads_only_this_starts_log(tmp_path):
@@ -77,15 +53,16 @@ def test_a_run_in_which_every_site_refuses_fails_and_names_the_sites(fed, tmp_pa
     # under DP-SGD, so each site refuses round 1 (named explicitly: the default aux loss may change).
     run_dir = tmp_path / "run"
     code = fedmsk(["launch", "--dir", str(fed.consortium.root), "--app", str(fed.fedmsk_app), "--no-stream", *TINY,
-                   "rounds=3", "model.aux_loss=supcon", "model.aux_weight=0.5", f"run_dir={run_dir}"])
+                   "rounds=3", "model.aux_loss=supcon", "model.aux_weight=0.5", "strategy.min_train_nodes=3",
+                   "strategy.min_available_nodes=3", f"run_dir={run_dir}"])
     out = capsys.readouterr().out
     assert code == 1, out[-3000:]
     assert "finished:failed" in out
     stop = next(line for line in out.splitlines() if "no site trained" in line)
-    assert "round 1" in stop and "site_a, site_b" in stop and "couples the patients of a batch" in stop, out[-3000:]
+    assert "round 1" in stop and "site_a, site_b, site_c" in stop and "couples the patients of a batch" in stop, out[-3000:]
     assert "resume=true" in out
     events = (run_dir / "events.jsonl").read_text()
-    assert '"site": "site_a"' in events and '"site": "site_b"' in events and "node-" not in events
+    assert all(f'"site": "{name}"' in events for name in SITES) and "node-" not in events
     assert "DP: no site trained" in (run_dir / "summary.md").read_text()
 
 
@@ -112,31 +89,49 @@ def test_a_killed_executor_is_named_and_replaced(fed, tmp_path):
 
 
 def test_a_site_revoked_while_running_stops_non_zero_and_says_so(fed):
-    node = fed.site_nodes["site_b"]
-    revoke_site(fed.consortium, "site_b", fed.server.home)
+    # a site of this test's own: the shared ones stay registered
+    fed.add_site("site_d", fed.data / "site_b")
+    assert any("registered site_d" in change for change in sync_site_keys(fed.consortium, fed.server.home))
+    node = fed.join("site_d", intervals=COLD)
+    fed.wait_online(4)
+    revoke_site(fed.consortium, "site_d", fed.server.home)
     code = node.wait(poll=0.5)  # Flower notices at the next heartbeat or poll, exits 0 "gracefully"
     assert code != 0
     assert REVOKED in node.explain_exit()
+    again = fed.join("site_d", intervals=COLD)  # a revoked key stays refused at the next start
+    assert again.wait(poll=0.5) != 0 and "refused this site's key" in again.explain_exit()
 
 
 def test_launch_gives_up_on_its_deadline_and_when_the_superlink_goes(fed, tmp_path, capsys, monkeypatch):
     base = ["launch", "--dir", str(fed.consortium.root), "--app", str(fed.toy), "--no-stream"]
-    # one site left, the run asks for three: it can never finish
-    code = fedmsk([*base, "--timeout", "3", "min-nodes=3", f"run_dir={tmp_path / 'a'}"])
+    # three sites online, the run asks for nine: it can never finish
+    code = fedmsk([*base, "--timeout", "3", "min-nodes=9", f"run_dir={tmp_path / 'a'}"])
     out = capsys.readouterr().out
     assert code == 1 and "did not finish within 3 s" in out and "stopped it" in out, out
     monkeypatch.setattr(launch_module, "UNREACHABLE_S", 3.0)
     box = {}
 
     def run_launch():
-        box["code"] = fedmsk([*base, "min-nodes=3", f"run_dir={tmp_path / 'b'}"])
+        box["code"] = fedmsk([*base, "min-nodes=9", f"run_dir={tmp_path / 'b'}"])
 
+    def runs() -> int:
+        return len(fed.flwr("ls", CONNECTION).get("runs", []))
+
+    before = runs()
     runner = threading.Thread(target=run_launch)
     runner.start()
-    time.sleep(8)  # submitted and waiting
+    deadline = time.monotonic() + 120
+    while runs() == before and time.monotonic() < deadline:  # submitted (building the app takes a while under load)
+        time.sleep(1.0)
+    time.sleep(2.0)  # and waiting for sites
     fed.server.superlink.signal_group(signal.SIGKILL)
     runner.join(timeout=120)
     out = capsys.readouterr()
-    assert box["code"] == 1
+    assert box["code"] == 1, out.out[-2000:]
     assert "stopped answering" in out.out and f"resume=true run_dir={tmp_path / 'b'}" in out.out, out.out
     assert "Traceback" not in out.out + out.err
+    # `fedmsk server` restarts the SuperLink (same state.db) and the sites reconnect by themselves
+    events = fed.server.supervise()
+    assert any("SuperLink died" in e and "Restarted" in e for e in events), events
+    fed.wait_online(3, timeout=120)
+    assert all(fed.site_nodes[name].supernode.alive() for name in SITES)

@@ -1,5 +1,6 @@
 """Real deployment on 127.0.0.1: a SuperLink behind the nginx gateway and three SuperNodes, each a
-separate process with TLS and site authentication. Every process is stopped by the fixture."""
+separate process with TLS and site authentication (the consortium shared with
+tests/test_deploy_failures.py, tests/deploy_helpers.py). Every process is stopped by the fixture."""
 
 import json
 import os
@@ -14,55 +15,19 @@ import pytest
 from cli.main import main as fedmsk
 from client.approval import ApprovedBuilds, fab_sha256
 from client.join import load_join
+from client.supernode import check_flower_constants
+from client.warm import WARM_LINE
 from server.launch import launch
 from server.provision import Consortium
 from server.superlink import node_states, revoke_site
-from shared.config import compose
-from simulation.synth import write_federation
-from deploy_helpers import LocalFederation, copy_fedmsk_app, require_nginx, write_toy_app
+from deploy_helpers import COLD, SITES, TINY
 
 pytestmark = pytest.mark.deploy
 
-SITES = ["site_a", "site_b", "site_c"]
-TINY = [
-    "num_sites=3",
-    "synth.patients_per_site=[60,50,50]",
-    "synth.image_size=48",
-    "task.image_size=[32,32]",
-    "federation.local_epochs=1",
-    "model.width=8",
-    "model.embed_dim=32",
-    "model.proj_dim=16",
-    "model.aux_loss=prototype",  # per-sample: the sites' own privacy policy (DP on) refuses batch-coupled losses
-    "strategy.min_train_nodes=2",
-    "strategy.min_evaluate_nodes=2",
-    "strategy.min_available_nodes=2",
-    "strategy.round_timeout_s=300",
-]
 
-
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory):
-    require_nginx()
-    root = tmp_path_factory.mktemp("deploy")
-    data = root / "sites"
-    write_federation(compose(TINY + [f"data_root={data}"]))
-    f = LocalFederation(root)
-    f.fedmsk_app = copy_fedmsk_app(root / "fedmsk_app")
-    f.toy = write_toy_app(root / "toy")
-    f.toy_changed = write_toy_app(root / "toy_changed", variant="one byte")
-    try:
-        for name in SITES:
-            # site_c approved a build of the toy app that differs from the one sent
-            toy = f.toy_changed if name == "site_c" else f.toy
-            f.add_site(name, data / name, approve=[f.fedmsk_app, toy])
-        f.add_site("site_revoked", data / "site_a")
-        f.start_server()
-        f.site_nodes = {name: f.join(name) for name in SITES}
-        f.wait_online(3)
-        yield f
-    finally:
-        f.stop()
+@pytest.fixture
+def fed(deploy_consortium):
+    return deploy_consortium
 
 
 def test_control_api_is_refused_at_the_site_facing_address(fed):
@@ -91,9 +56,9 @@ def test_refused_supernodes_say_why(fed, tmp_path):
     message = revoke_site(fed.consortium, "site_revoked", fed.server.home)
     assert "--rotate" in message
 
-    never_added = fed.join("intruder", bundle=intruder_bundle, ca_certificate=fed.consortium.ca_cert)
-    revoked = fed.join("site_revoked")
-    wrong_ca = fed.join("site_b", ca_certificate=outsider.ca_cert)  # a key that is registered, without our CA
+    never_added = fed.join("intruder", bundle=intruder_bundle, ca_certificate=fed.consortium.ca_cert, intervals=COLD)
+    revoked = fed.join("site_revoked", intervals=COLD)
+    wrong_ca = fed.join("site_b", ca_certificate=outsider.ca_cert, intervals=COLD)  # a key that is registered, without our CA
     deadline = time.monotonic() + 90
     for node in (never_added, revoked, wrong_ca):
         while node.supernode.alive() and time.monotonic() < deadline:
@@ -108,9 +73,8 @@ def test_refused_supernodes_say_why(fed, tmp_path):
 
 def test_two_round_run_through_fedmsk_launch_writes_a_model(fed, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    # evaluation rounds off: each exchange starts a fresh ClientApp process per site (~10 s of CPU)
     code = fedmsk(["launch", "--dir", str(fed.consortium.root), "--app", str(fed.fedmsk_app),
-                   *TINY, "rounds=2", "strategy.fraction_evaluate=0.0", f"run_dir={run_dir}"])
+                   *TINY, "rounds=2", f"run_dir={run_dir}"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     assert "finished:completed" in out
@@ -150,12 +114,38 @@ def test_a_site_killed_mid_round_does_not_fail_the_run_and_can_rejoin(fed, tmp_p
     while victim.executor.log_text().count("Start `flwr-clientapp` process") == started and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)  # the site is now training (6 s)
+    killed = time.monotonic()
     os.kill(victim.supernode.pid, signal.SIGKILL)
     runner.join(timeout=300)
+    held = time.monotonic() - killed
     victim.stop()
     assert box["result"].ok, box["result"].status
     assert json.loads(out.read_text()) == [[1.0, 1.0, 1.0]]
     assert "Received 2 results" in fed.run_log(box["result"].run_id)
+    # the site declared a 10 s heartbeat (client.supernode): gone after two missed ones, not Flower's 2 x 30 s
+    assert held < 55, held
 
-    fed.site_nodes["site_a"] = fed.join("site_a")
+    fed.site_nodes["site_a"] = fed.join("site_a", max_retries=None)
     fed.wait_online(3, timeout=60)
+
+
+def test_the_sites_run_with_fedmsk_intervals_and_warm_clientapps(fed):
+    """What the round-overhead fix changes is in effect at the running sites (client.supernode, client.warm)."""
+    check_flower_constants()  # the Flower constants client.supernode overrides are still where it expects them
+    node = fed.site_nodes["site_b"]
+    argv = node.supernode.argv
+    assert argv[argv.index("--poll-s") + 1] == "0.5" and argv[argv.index("--heartbeat-s") + 1] == "10.0"
+    assert "--warm" in node.executor.argv
+    env = node._env()
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    # every message of the runs above ran in a process forked from the warm fork server, not a new interpreter
+    import psutil
+
+    executor = psutil.Process(node.executor.pid)
+    forkservers = [p for p in executor.children() if "forkserver" in " ".join(p.cmdline())]
+    assert len(forkservers) == 1
+    started = ":INFO:Start `flwr-clientapp` process"  # Flower's line for each message's process
+    if node.executor.log_text().count(started) == 0:  # run on its own: give the site a message first
+        assert launch(fed.consortium, ["min-nodes=2"], app_dir=fed.toy, stream=False, timeout_s=240).ok
+    log = node.executor.log_text()
+    assert log.count(started) >= 1 and log.count(WARM_LINE) == log.count(started), (log.count(started), log.count(WARM_LINE))

@@ -301,3 +301,13 @@ def test_packed_messages_carry_one_array_and_come_back_exactly(monkeypatch):
     reply = packed_arrays_mod(msg, None, handler)
     assert seen["names"] == list(arrays) and len(reply.content["arrays"]) == 1
     assert np.array_equal(unpack_content(reply.content)["arrays"]["half"].numpy(), arrays["half"])
+
+
+def test_join_refuses_a_heartbeat_the_server_would_refuse_before_starting_anything(consortium, capsys):
+    from cli.main import main as fedmsk
+
+    bundle = consortium.add_site("site_a")
+    assert fedmsk(["join", str(bundle), "--heartbeat-s", "5"]) == 2
+    out = capsys.readouterr()
+    assert "--heartbeat-s 5.0: the server accepts 10-1800 s" in out.out + out.err
+    assert not (bundle / "state").exists()  # no SuperNode was started
