@@ -119,7 +119,7 @@ def run_one(n_sites: int, rounds: int, out: Path, image_size: int, interval: flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sites", type=int, nargs="+", default=[10, 50, 200])
+    ap.add_argument("--sites", type=int, nargs="*", default=[10, 50, 200], help="none: the leak run only")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--leak-sites", type=int, default=20)
     ap.add_argument("--leak-rounds", type=int, default=20, help="0 skips the leak run")
