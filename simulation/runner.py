@@ -30,7 +30,7 @@ def backend_config(cfg: FedmskConfig) -> dict:
     if cfg.simulation.ray_address:
         init_args["address"] = cfg.simulation.ray_address
     return {
-        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": client_gpus(cfg)},
         "init_args": init_args,
     }
 
@@ -94,6 +94,24 @@ def start_ray(cfg: FedmskConfig) -> None:
     raise RuntimeError(f"Ray's local node did not start within 30 s, {RAY_START_ATTEMPTS} times: the machine is too loaded "
                        f"to start Ray's processes (Ray's own limit, not a fedmsk setting); retry when it is less busy, "
                        f"or run on a started cluster with simulation.ray_address")
+
+
+def client_gpus(cfg: FedmskConfig) -> float:
+    """GPU share per simulated site: ``federation.client_gpus``, or with 0 there, ``device`` not cpu
+    and a GPU present, the machine's GPUs split over the sites that train at once.
+
+    Ray hides every GPU from a worker that asked for none (CUDA_VISIBLE_DEVICES=""), so without a
+    share ``device=auto`` would find no CUDA inside the simulated sites of a GPU machine.
+    """
+    if cfg.federation.client_gpus or str(cfg.device).lower() == "cpu":
+        return cfg.federation.client_gpus
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if not gpus:
+        return 0.0
+    at_once = max(1, (os.cpu_count() or 1) // max(1, cfg.federation.client_cpus))
+    return min(1.0, gpus / at_once)
 
 
 def check_ray_address(address: str | None, timeout_s: float = 3.0) -> None:

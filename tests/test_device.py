@@ -97,3 +97,15 @@ def test_fp16_refused_under_dp(cfg):
     with pytest.raises(ConfigError, match="federation.precision"):
         compose(OVERRIDES + ["privacy=eps8", "federation.precision=fp16"])
     assert Precision("fp16", "cpu").scaler is not None  # without DP: a GradScaler
+
+
+def test_simulated_sites_get_a_gpu_share_where_one_is_present(monkeypatch):
+    from simulation import runner
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)
+    assert runner.backend_config(compose([]))["client_resources"]["num_gpus"] == 0.25  # 4 sites at once share it
+    assert runner.backend_config(compose(["device=cpu"]))["client_resources"]["num_gpus"] == 0.0
+    assert runner.backend_config(compose(["federation.client_gpus=0.5"]))["client_resources"]["num_gpus"] == 0.5
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert runner.backend_config(compose([]))["client_resources"]["num_gpus"] == 0.0
