@@ -79,6 +79,8 @@ def start_ray(cfg: FedmskConfig) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not cfg.simulation.ray_address:
         os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+        # a worker must register within 60 s by default; a loaded machine (load 170 seen here) needs longer
+        os.environ.setdefault("RAY_worker_register_timeout_seconds", "300")
     threads = str(max(1, cfg.federation.torch_threads))
     env_vars = {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     init_args = backend_config(cfg)["init_args"]
