@@ -521,7 +521,8 @@ def main() -> None:
             cells = report[f"grid_{sites}"]["cells"]
             report[f"grid_{sites}"]["table"] = grid_table(cells, report.get("grid_step_cost") or step_cost_of(report), PAIRS)
             console.print(f"{sites} sites:\n" + report[f"grid_{sites}"]["table"])
-    report.pop("grid", None)  # the grid of the earlier presets (README history), superseded by grid_<sites>
+    if "grid" in report:  # the 3-seed grid of the earlier presets (eps 1 at lr 0.1, public cells all layers)
+        report["earlier_presets_grid"] = report.pop("grid")
     path.write_text(json.dumps(report, indent=1))
     console.print(f"wrote {path}")
 
