@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from server.report import atomic_write_text
+from shared.atomic import atomic_write_text
 from shared.config import FedmskConfig, from_yaml, to_yaml
 
 EXPORT_DIRNAME = "export"

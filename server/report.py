@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,27 +17,10 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
+from shared.atomic import atomic_write_bytes, atomic_write_text
 from shared.config import FedmskConfig, to_yaml
 from shared.metrics import METRIC_NAMES
 from shared.provenance import compose_privacy, finetune_privacy, provenance
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def save_state(path: Path, arrays: ArrayRecord) -> None:

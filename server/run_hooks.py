@@ -24,7 +24,8 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import Strategy
 
-from server.report import RunRecorder, atomic_write_text
+from server.report import RunRecorder
+from shared.atomic import atomic_write_text
 from server.strategy_state import load_strategy_state, save_strategy_state
 from server.tensorboard import RunBoard
 from server.validation import RejectionTracker

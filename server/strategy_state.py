@@ -17,7 +17,7 @@ import numpy as np
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from server.report import atomic_write_bytes
+from shared.atomic import atomic_write_bytes
 
 MOMENTS = ("m_t", "v_t")
 

@@ -56,7 +56,7 @@ def write_pretrained(cfg: Any, run_dir: Path, state: dict[str, Any], rows: list[
     """
     import torch
 
-    from server.report import atomic_write_bytes, atomic_write_text
+    from shared.atomic import atomic_write_bytes, atomic_write_text
     from shared.ssl import objective_label
 
     keep = ("image",) if cfg.pretrain.objective == "ssl" else ("image", "clinical")

@@ -32,7 +32,7 @@ from torch.utils.data import ConcatDataset
 from client.site import list_sites
 from client.trainer import build_screener, evaluate, make_loader, train_local
 from server.app import default_run_dir
-from server.report import atomic_write_text
+from shared.atomic import atomic_write_text
 from shared.config import FedmskConfig, resolve_device, to_yaml
 from shared.provenance import CARD, sha256_of
 
