@@ -132,6 +132,10 @@ class ModelConfig:
     dropout: float = 0.1
     nonlocal_heads: int = 2
     aux_loss: str = "none"
+    # the auxiliary loss the DP presets (configs/privacy/eps*.yaml) put in place of aux_loss: a
+    # per-sample one (shared.losses.DP_SAFE_AUX); a model whose own loss is per-sample and needed
+    # (segclass: segmentation) names itself here so a preset never swaps it out
+    dp_aux_loss: str = "prototype"
     aux_weight: float = 0.0
     temperature: float = 0.2
     pretrained_path: str | None = None

@@ -89,3 +89,12 @@ def test_check_verb_imports_no_training_stack(tmp_path):
 def test_training_verbs_still_refuse_a_wrong_name_at_compose_time():
     done = _run("import sys; from cli.main import main; sys.exit(main(['central', 'model.aux_loss=triplet']))")
     assert done.returncode == 2 and "model.aux_loss" in done.stderr, done.stderr[-500:]
+
+
+def test_dp_presets_swap_in_each_models_own_per_sample_loss() -> None:
+    """A preset replaces MM-CL's aux loss by the prototype contrast but keeps segclass's segmentation
+    loss (a preset that forced prototype on segclass stopped its build); the command line still wins."""
+    assert compose(["privacy=eps8"]).model.aux_loss == "prototype"
+    hand = compose(["privacy=eps1", "task=osteoporosis_hand", "model=segclass"])
+    assert hand.privacy.enabled and hand.model.aux_loss == "segmentation"
+    assert compose(["privacy=eps4", "model.aux_loss=views"]).model.aux_loss == "views"
