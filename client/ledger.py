@@ -167,17 +167,16 @@ class PrivacyLedger:
 
         The val and test patients are disjoint from the training patients (and from each other), so
         their spend is not part of DP-SGD's epsilon and is reported per split. An entry's
-        ``epsilon_split_total`` is already the composed cost of that split's releases under its
-        mechanism (Laplace added, Gaussian under RDP); releases of one split under different
-        mechanisms (a policy changed between runs) are added, basic composition being an upper bound.
+        ``epsilon_split_total`` is the composed cost of every release of its split so far, whatever
+        the mechanism (client.release: Laplace added, Gaussian under RDP, the two added), so the
+        newest entry's total is the split's spend.
         """
         out: dict[str, dict[str, Any]] = {}
         for r in self.releases:
             split = out.setdefault(r.split, {"releases": 0, "by_mechanism": {}, "delta": 0.0})
             split["releases"] += 1
-            split["by_mechanism"][r.mechanism] = r.epsilon_split_total
+            split["by_mechanism"][r.mechanism] = split["by_mechanism"].get(r.mechanism, 0) + 1
+            split["epsilon"] = r.epsilon_split_total
             if r.mechanism == "gaussian":  # Laplace releases are pure epsilon-DP
                 split["delta"] = max(split["delta"], r.delta)
-        for split in out.values():
-            split["epsilon"] = sum(split["by_mechanism"].values())
         return out

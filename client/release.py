@@ -73,14 +73,21 @@ def count_groups(keys: list[str], n_classes: int) -> dict[str, tuple[list[str], 
 
 
 def _split_cost(ledger: PrivacyLedger, split: str, policy: PrivacyConfig, extra: list[float], mechanism: str | None = None) -> float:
-    """Epsilon of every release of ``split`` in the ledger plus ``extra`` ones (epsilons for Laplace,
-    noise multipliers sigma / L2-sensitivity for Gaussian); ``mechanism`` defaults to the policy's."""
+    """Epsilon of every release of ``split`` in the ledger plus ``extra`` ones of ``mechanism``
+    (epsilons for Laplace, noise multipliers sigma / L2-sensitivity for Gaussian; default: the policy's).
+
+    Laplace releases add up (pure epsilon); Gaussian ones compose under RDP at the policy's delta; the
+    two sums add (basic composition), so a site that switched mechanisms keeps every earlier release.
+    """
     mechanism = mechanism or policy.release_noise
-    past = [r for r in ledger.releases if r.split == split and r.mechanism == mechanism]
+    past = [r for r in ledger.releases if r.split == split]
+    laplace = sum(r.epsilon for r in past if r.mechanism == "laplace")
+    zs = [r.noise_scale / r.sensitivity for r in past if r.mechanism != "laplace"]
     if mechanism == "laplace":
-        return sum(r.epsilon for r in past) + sum(extra)
-    zs = [r.noise_scale / r.sensitivity for r in past] + extra
-    return epsilon_of([(z, 1.0, 1) for z in zs], policy.delta, "rdp")
+        laplace += sum(extra)
+    else:
+        zs += extra
+    return laplace + (epsilon_of([(z, 1.0, 1) for z in zs], policy.delta, "rdp") if zs else 0.0)
 
 
 def _mechanism(policy: PrivacyConfig, ledger: PrivacyLedger, split: str, mechanism: str, l1: float, l2: float,
