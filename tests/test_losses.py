@@ -43,7 +43,9 @@ def grad_wrt_row(aux: str, outputs: dict[str, torch.Tensor], row: int) -> torch.
     return torch.cat([leaves[k].grad[row].flatten() for k in sorted(leaves) if leaves[k].grad is not None])
 
 
-@pytest.mark.parametrize("aux", sorted(set(AUX_LOSSES) - {"none"}))
+# segmentation reads segclass's decoder outputs and the site's masks (its per-patient test:
+# tests/test_osteoporosis_hand.py)
+@pytest.mark.parametrize("aux", sorted(set(AUX_LOSSES) - {"none", "segmentation"}))
 def test_declared_coupling_matches_behaviour(aux: str) -> None:
     """Replace patient 3's outputs: a per-sample loss leaves patient 0's gradient as it was."""
     a = fake_outputs(0)
@@ -117,7 +119,7 @@ def test_batch_coupled_loss_with_dp_is_refused(aux: str) -> None:
 
 
 def test_dp_safe_losses_are_accepted_with_dp() -> None:
-    assert set(DP_SAFE_AUX) == {"none", "prototype", "infonce_bank", "views"}
+    assert set(DP_SAFE_AUX) == {"none", "prototype", "infonce_bank", "views", "segmentation"}
     for aux in DP_SAFE_AUX:
         assert not build_criterion(make_cfg(aux, dp=True)).couples_batch
 
