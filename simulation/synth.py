@@ -41,9 +41,10 @@ import csv
 import hashlib
 import io
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -360,7 +361,7 @@ def _write_site(
 
     # deliberately unusable records (documented in README.txt)
     bad_age, no_image = (int(k) for k in rng.choice(n, size=2, replace=False))
-    orphan = n  # image written, no clinical row
+    # patient n (the extra one): image written, no clinical row
     age = pop.age.copy()
     age[bad_age] = 150.0
 
@@ -500,27 +501,25 @@ def write_federation(cfg: FedmskConfig, advance: Callable[[], None] | None = Non
     called once per image.
     """
     specs = site_specs(cfg)
-
-    def write(tmp: Path) -> tuple[str, str]:
-        oracle: list[tuple[str, str, float, int]] = []
-        for spec in specs:
-            oracle += _write_site(tmp, spec, cfg, advance or (lambda: None))
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["site", "patient_id", "latent_score", "label"])
-        for site, pid, score, label in oracle:
-            w.writerow([site, pid, f"{score:.6f}", label])
-        return buf.getvalue(), _readme(cfg, specs)
-
-    return publish_federation(Path(cfg.data_root), write, f"seed {cfg.seed}")
+    step = advance or (lambda: None)
+    return publish_federation(Path(cfg.data_root), specs,
+                              lambda tmp, spec: [oracle_row(*r) for r in _write_site(tmp, spec, cfg, step)],
+                              lambda: _readme(cfg, specs), f"seed {cfg.seed}")
 
 
-def publish_federation(data_root: Path, write: Callable[[Path], tuple[str, str]], what: str) -> Path:
+def oracle_row(site: str, patient_id: str, latent_score: float, label: int) -> dict[str, str]:
+    """One oracle.csv row of the radiograph generators (site, patient, latent score, label)."""
+    return {"site": site, "patient_id": patient_id, "latent_score": f"{latent_score:.6f}", "label": str(label)}
+
+
+def publish_federation(data_root: Path, specs: Sequence[Any], write_site: Callable[[Path, Any], list[dict[str, str]]],
+                       readme: Callable[[], str], what: str) -> Path:
     """Write a federation beside ``data_root`` and swap it in at the end, so an interrupted
     run never leaves a half-written federation where the old one was (every task's generator).
 
-    ``write(tmp)`` writes the site folders under ``tmp`` and returns (oracle.csv text, README.txt
-    text); the marker file records ``what`` and the oracle's hash.
+    ``write_site(tmp, spec)`` writes one site folder under ``tmp`` and returns its oracle.csv rows
+    (the same keys for every row); ``readme()`` is README.txt's text; the marker file records
+    ``what`` and the oracle's hash.
     """
     root = data_root.resolve()
     _prepare_root(root)
@@ -528,9 +527,16 @@ def publish_federation(data_root: Path, write: Callable[[Path], tuple[str, str]]
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    oracle_text, readme = write(tmp)
+    oracle: list[dict[str, str]] = []
+    for spec in specs:
+        oracle += write_site(tmp, spec)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(oracle[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(oracle)
+    oracle_text = buf.getvalue()
     (tmp / ORACLE_FILE).write_text(oracle_text)
-    (tmp / "README.txt").write_text(readme)
+    (tmp / "README.txt").write_text(readme())
     digest = hashlib.sha256(oracle_text.encode()).hexdigest()[:16]
     (tmp / MARKER).write_text(f"written by fedmsk synth, {what}, oracle sha256 {digest}\n")
     if root.exists():

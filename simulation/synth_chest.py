@@ -266,12 +266,12 @@ def _readme(cfg: FedmskConfig, specs: list[ChestSite]) -> str:
         "Layout: <site>/clinical.csv, <site>/images/<YYYYMM>/CX*.dcm (PA chest, linked by PatientID);",
         "oracle.csv (site, patient_id, latent_score = -true T-score, label, t_score_true) is never read by training.",
         "",
-        f"True T-score T = c*(-1.0 - 0.035*(age-65)*(1.3 if female) - 0.6*female + 0.07*(BMI-25) - 0.6*glucocorticoids",
+        "True T-score T = c*(-1.0 - 0.035*(age-65)*(1.3 if female) - 0.6*female + 0.07*(BMI-25) - 0.6*glucocorticoids",
         f"                  - 0.35 current / 0.15 former smoker - 0.3*alcohol) + i*{HIDDEN_WEIGHT}*u + site offset,",
         f"  u ~ N(0,1) visible only in the image; c = {c}, i = {i}; the offset gives each site its prevalence.",
         f"Prior fracture ~ Bernoulli(sigmoid({FRACTURE_LOGIT[0]} {FRACTURE_LOGIT[1]:+}*T)) (a consequence of low density).",
         f"Measured T-score (t_score column, not a model input) = T + N(0, {DXA_NOISE}); osteoporosis = measured <= {OSTEOPOROSIS_T}.",
-        f"Image: clavicles, posterior ribs, thoracic vertebrae with cortex thickness and trabecular density from",
+        "Image: clavicles, posterior ribs, thoracic vertebrae with cortex thickness and trabecular density from",
         f"  1 + {BMD_PER_T}*(T + N(0, {IMAGE_NOISE})), trabecular holes where density is low; soft tissue width ~ BMI.",
         "",
         "Sites:",
@@ -302,15 +302,6 @@ def describe(cfg: FedmskConfig) -> tuple[list[str], list[list[str]]]:
 def write_federation(cfg: FedmskConfig, advance: Callable[[], None] | None = None) -> Path:
     """Write cfg.num_sites chest sites + oracle.csv + README.txt under cfg.data_root (swapped in at the end)."""
     specs = site_specs(cfg)
-
-    def write(tmp: Path) -> tuple[str, str]:
-        oracle: list[dict[str, str]] = []
-        for spec in specs:
-            oracle += _write_site(tmp, spec, cfg, advance or (lambda: None))
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(oracle[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(oracle)
-        return buf.getvalue(), _readme(cfg, specs)
-
-    return synth.publish_federation(Path(cfg.data_root), write, f"task {cfg.task.name}, seed {cfg.seed}")
+    step = advance or (lambda: None)
+    return synth.publish_federation(Path(cfg.data_root), specs, lambda tmp, spec: _write_site(tmp, spec, cfg, step),
+                                    lambda: _readme(cfg, specs), f"task {cfg.task.name}, seed {cfg.seed}")

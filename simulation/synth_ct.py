@@ -469,15 +469,6 @@ def describe(cfg: FedmskConfig) -> tuple[list[str], list[list[str]]]:
 def write_federation(cfg: FedmskConfig, advance: Callable[[], None] | None = None) -> Path:
     """Write cfg.num_sites CT sites + oracle.csv + README.txt under cfg.data_root (swapped in at the end)."""
     specs = site_specs(cfg)
-
-    def write(tmp: Path) -> tuple[str, str]:
-        oracle: list[dict[str, str]] = []
-        for spec in specs:
-            oracle += _write_site(tmp, spec, cfg, advance or (lambda: None))
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(oracle[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(oracle)
-        return buf.getvalue(), _readme(cfg, specs)
-
-    return publish_federation(Path(cfg.data_root), write, f"task {cfg.task.name}, seed {cfg.seed}")
+    step = advance or (lambda: None)
+    return publish_federation(Path(cfg.data_root), specs, lambda tmp, spec: _write_site(tmp, spec, cfg, step),
+                              lambda: _readme(cfg, specs), f"task {cfg.task.name}, seed {cfg.seed}")

@@ -43,7 +43,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from shared.config import FedmskConfig
 from shared.masks import MASK_DIR, SEG_STORAGE
 from simulation.anatomy import _bone, _chord, _segment_distance
-from simulation.synth import (REFERENCE_SPACING_MM, SiteSpec, acquire, dicom_dataset, publish_federation, site_specs)
+from simulation.synth import (REFERENCE_SPACING_MM, SiteSpec, acquire, dicom_dataset, oracle_row, publish_federation,
+                              site_specs)
 
 REF = 128.0
 MASK_SHARE = 0.7
@@ -244,15 +245,7 @@ def describe(cfg: FedmskConfig) -> tuple[list[str], list[list[str]]]:
 def write_federation(cfg: FedmskConfig, advance: Callable[[], None] | None = None) -> Path:
     """cfg.num_sites hand-radiograph sites + oracle.csv + README.txt under cfg.data_root (deterministic in cfg.seed)."""
     specs = site_specs(cfg)
-
-    def write(tmp: Path) -> tuple[str, str]:
-        rows: list[tuple[str, str, float, int]] = []
-        for spec in specs:
-            rows += _write_site(tmp, spec, cfg, advance or (lambda: None))
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["site", "patient_id", "latent_score", "label"])
-        w.writerows([s, p, f"{score:.6f}", y] for s, p, score, y in rows)
-        return buf.getvalue(), _readme(cfg, specs)
-
-    return publish_federation(Path(cfg.data_root), write, f"hand radiographs, seed {cfg.seed}")
+    step = advance or (lambda: None)
+    return publish_federation(Path(cfg.data_root), specs,
+                              lambda tmp, spec: [oracle_row(*r) for r in _write_site(tmp, spec, cfg, step)],
+                              lambda: _readme(cfg, specs), f"hand radiographs, seed {cfg.seed}")
