@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,16 @@ from PIL import Image
 from rich.console import Console
 
 from client.check import check_site
+from client.randomness import INSECURE_SEED_ENV
 from client.trainer import build_screener
+from server.federation import run_federation
 from shared.config import ConfigError, compose
 from shared.masks import read_label_map
 from shared.sitedata import load_site, make_datasets
+from simulation.evaluation import load_federation, load_screener, pooled_test_metrics
 from simulation.generators import write_federation
 from simulation.synth_hand import LABELS, mask_format, seg_dataset
+from tests.inprocess_grid import InProcessGrid
 
 TINY = ["task=osteoporosis_hand", "num_sites=2", "synth.patients_per_site=[60,50]", "synth.image_size=64",
         "task.image_size=[32,32]", "model=segclass", "model.width=8"]
@@ -151,3 +156,23 @@ def test_inference_needs_no_mask_and_mask_channels_never_reach_the_layers(fed: P
 def test_masks_on_a_3d_task_are_refused() -> None:
     with pytest.raises(ConfigError, match="mask_labels"):
         compose(["task=vertebral_fracture", "task.mask_labels=[vertebra]", "model=segclass"])
+
+
+def test_a_small_hand_federation_learns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two hand sites (one with masks) on a strong-signal mix: segclass trained federatedly ranks the
+    osteoporotic patients well above chance on the pooled test patients (0.74 measured; 0.69-0.90
+    over data seeds 0-2), oracle beside."""
+    monkeypatch.setenv(INSECURE_SEED_ENV, "hand-acceptance")  # repeatable site shuffles (tests only)
+    strong = ["task=osteoporosis_hand", "model=segclass", "model.width=8", "num_sites=2", "synth.patients_per_site=[70]",
+              "synth.prevalence=[0.4]", "synth.image_size=32", "synth.image_signal=2.0", "synth.clinical_signal=2.0",
+              "task.image_size=[32,32]", "task.augment=false", "rounds=3", "federation.local_epochs=3",
+              "federation.batch_size=16", "federation.lr=0.005", f"data_root={tmp_path / 'fed'}", f"run_dir={tmp_path / 'run'}"]
+    cfg = compose(strong)
+    write_federation(cfg)
+    assert any((tmp_path / "fed" / s / "masks").is_dir() for s in ("site_a", "site_b"))
+    arrays, _ = run_federation(InProcessGrid({100 + i: {"partition-id": i} for i in range(2)}), cfg, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["site"] for r in rows if r["phase"] == "train" and r["site"] != "global"} == {"site_a", "site_b"}
+    metrics = pooled_test_metrics(load_screener(cfg, arrays.to_torch_state_dict()), cfg, load_federation(cfg))
+    assert metrics["auc"] > 0.65, metrics
+    assert metrics["oracle_auc"] > metrics["auc"]
