@@ -52,17 +52,21 @@ class LateFusion(nn.Module):
 
     def forward(self, image: torch.Tensor, clinical: torch.Tensor) -> dict[str, torch.Tensor]:
         z_image, _ = self.image(image)
-        z_clinical = self.clinical(clinical)
-        logits_image = self.image_classifier(self.dropout(z_image))
-        logits_clinical = self.clinical_classifier(self.dropout(z_clinical))
-        probs = torch.stack([logits_image.softmax(dim=-1), logits_clinical.softmax(dim=-1)], dim=1)
-        fused = self.mix(probs)
-        out = {
-            "logits": torch.log(fused.clamp_min(1e-8)),
-            "logits_image": logits_image,
-            "logits_clinical": logits_clinical,
-            "z_image": z_image,
-            "z_clinical": z_clinical,
-        }
-        out.update(self.aux(torch.cat([z_image, z_clinical], dim=-1)))
-        return out
+        return late_fusion_outputs(self, z_image, self.clinical(clinical))
+
+
+def late_fusion_outputs(model: nn.Module, z_image: torch.Tensor, z_clinical: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Branch classifiers, the learned probability mix and the aux heads on the two embeddings: the
+    head every late-fusion model shares (``model`` holds dropout, image/clinical_classifier, mix, aux)."""
+    logits_image = model.image_classifier(model.dropout(z_image))
+    logits_clinical = model.clinical_classifier(model.dropout(z_clinical))
+    probs = torch.stack([logits_image.softmax(dim=-1), logits_clinical.softmax(dim=-1)], dim=1)
+    out = {
+        "logits": torch.log(model.mix(probs).clamp_min(1e-8)),
+        "logits_image": logits_image,
+        "logits_clinical": logits_clinical,
+        "z_image": z_image,
+        "z_clinical": z_clinical,
+    }
+    out.update(model.aux(torch.cat([z_image, z_clinical], dim=-1)))
+    return out

@@ -35,7 +35,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from shared.models.blocks import ACT, ClinicalEncoder, ImageEncoder, group_norm
-from shared.models.late_fusion import ProbabilityMix
+from shared.models.late_fusion import ProbabilityMix, late_fusion_outputs
 from shared.models.spec import AuxHeads, ModelSpec
 
 BANDS = ("LL", "LH", "HL", "HH")  # approximation, horizontal, vertical, diagonal detail
@@ -157,16 +157,4 @@ class WaveletFusion(nn.Module):
 
     def forward(self, image: torch.Tensor, clinical: torch.Tensor) -> dict[str, torch.Tensor]:
         z_image = self.image_features(image)
-        z_clinical = self.clinical(clinical)
-        logits_image = self.image_classifier(self.dropout(z_image))
-        logits_clinical = self.clinical_classifier(self.dropout(z_clinical))
-        probs = torch.stack([logits_image.softmax(dim=-1), logits_clinical.softmax(dim=-1)], dim=1)
-        out = {
-            "logits": torch.log(self.mix(probs).clamp_min(1e-8)),
-            "logits_image": logits_image,
-            "logits_clinical": logits_clinical,
-            "z_image": z_image,
-            "z_clinical": z_clinical,
-        }
-        out.update(self.aux(torch.cat([z_image, z_clinical], dim=-1)))
-        return out
+        return late_fusion_outputs(self, z_image, self.clinical(clinical))
