@@ -12,6 +12,10 @@ per-sample gradients, not the noise or the accountant, are what a DP-SGD step pa
   are fastest as one grouped convolution-weight gradient with the batch as groups
   (``torch.nn.grad.conv{2,3}d_weight``), the trick Opacus ships but leaves unused. Small maps
   with many channels keep an im2col + batched matmul (``F.unfold`` for 2D, Opacus otherwise).
+* Transposed convolutions (the segmentation decoder's upsampling, MONAI's UNet) have no Opacus
+  sampler either; torch.func's vmap over the module fails on an empty Poisson batch (B=0) and
+  DP-SGD must still take that step. A transposed convolution is the adjoint of a convolution,
+  so its weight gradient is a convolution-weight gradient with input and output swapped.
 
 Every sampler returns what Opacus' generic route (torch.func) returns; tests/test_dp_modes.py
 checks that to 1e-5 per layer type and for whole models, and that a patient's clipped gradient
@@ -33,6 +37,7 @@ from shared.models.blocks import LearnedScale, PrototypeHead
 
 GROUPED_MIN_POSITIONS = 64  # output positions from which the batch-as-groups weight gradient wins (8x8 and up)
 _WEIGHT_GRAD = {2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+_CONV_TRANSPOSE = (nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @register_grad_sampler(LearnedScale)
@@ -85,3 +90,38 @@ def conv_grad_sample(layer: nn.Conv2d | nn.Conv3d, activations: list[torch.Tenso
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = backprops.flatten(2).sum(dim=2)
     return ret
+
+
+@register_grad_sampler(list(_CONV_TRANSPOSE))
+def conv_transpose_grad_sample(layer: nn.ConvTranspose2d | nn.ConvTranspose3d, activations: list[torch.Tensor],
+                               backprops: torch.Tensor) -> dict:
+    """Per-sample weight/bias gradients of ``y = conv_transpose(x, W)``.
+
+    ``<y, g> = <x, conv(g, W)>``: W's gradient is the convolution-weight gradient of a convolution
+    from ``g`` (the layer's output gradient) to ``x`` with the layer's stride, padding and
+    dilation (its output_padding only adds rows of ``g`` no weight reaches), computed for the
+    whole batch at once with the batch as groups. Grouped layers keep Opacus' torch.func route.
+    """
+    x = activations[0].to(backprops.dtype)
+    n = x.shape[0]
+    ret = {}
+    if layer.weight.requires_grad:
+        if n == 0:
+            ret[layer.weight] = torch.zeros((0, *layer.weight.shape), dtype=backprops.dtype, device=backprops.device)
+        elif layer.groups != 1:
+            return _functorch(layer, activations, backprops)
+        else:
+            in_ch, out_ch = layer.weight.shape[:2]
+            w = _WEIGHT_GRAD[x.dim() - 2](backprops.reshape(1, n * out_ch, *backprops.shape[2:]),
+                                          (n * in_ch, *layer.weight.shape[1:]), x.reshape(1, n * in_ch, *x.shape[2:]),
+                                          layer.stride, layer.padding, layer.dilation, groups=n)
+            ret[layer.weight] = w.reshape(n, *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = backprops.flatten(2).sum(dim=2)
+    return ret
+
+
+def _functorch(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+
+    return ft_compute_per_sample_gradient(layer, activations, backprops)

@@ -44,7 +44,7 @@ import client.grad_samplers  # noqa: F401  (registers fedmsk's per-sample gradie
 from client.ledger import PrivacyLedger, RoundEntry, RunPlan, Step, merge_history
 from client.randomness import site_generator
 from shared.config import ConfigError, FederationConfig, PrivacyConfig, load_yaml_file
-from shared.losses import DP_SAFE_AUX
+from shared.losses import DP_SAFE_AUX, empty_batch_loss
 
 log = logging.getLogger("fedmsk.privacy")
 
@@ -79,7 +79,7 @@ class GhostCriterion(nn.Module):
             return self.criterion(outputs, labels)[0]
         n = labels.shape[0]
         if n == 0:
-            return outputs["logits"].sum(dim=1) * 0.0
+            return empty_batch_loss(outputs, per_sample=True)
         rows = [{k: v[i : i + 1] if torch.is_tensor(v) and v.shape[:1] == (n,) else v for k, v in outputs.items()}
                 for i in range(n)]
         return torch.stack([self.criterion(row, labels[i : i + 1])[0] for i, row in enumerate(rows)])

@@ -194,6 +194,21 @@ AUX_LOSSES: dict[str, type[AuxLoss]] = {
 DP_SAFE_AUX = sorted(k for k, v in AUX_LOSSES.items() if not v.couples_batch)
 
 
+def empty_batch_loss(outputs: dict[str, torch.Tensor | None], *, per_sample: bool = False) -> torch.Tensor:
+    """The zero loss of an empty Poisson batch (B=0), wired to every output of the model.
+
+    Opacus' DP optimizer wants a per-sample gradient (here of batch size 0) on every trainable
+    parameter before its noisy step; a parameter the zero loss does not reach (the branch
+    heads, the projection and prototypes of an auxiliary loss) has none and the step raises
+    "Per sample gradient is not initialized". ``per_sample``: one zero per patient, shape [0],
+    for ghost clipping's ``reduction="none"``.
+    """
+    terms = [v.flatten(1).sum(1) if v.dim() > 1 else v for v in outputs.values()
+             if torch.is_tensor(v) and v.is_floating_point()]
+    zero = torch.stack(terms).sum(0) * 0.0
+    return zero if per_sample else zero.sum()
+
+
 class Criterion(nn.Module):
     """CE(logits) + BRANCH_WEIGHT * mean CE(logits_<branch>) + aux_weight * aux.
 
@@ -213,8 +228,7 @@ class Criterion(nn.Module):
 
     def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         if labels.numel() == 0:  # an empty Poisson batch under DP-SGD: no patient, no loss (the noisy step still runs)
-            zero = outputs["logits"].sum() * 0.0
-            return zero, {"loss": 0.0}
+            return empty_batch_loss(outputs), {"loss": 0.0}
         ce = F.cross_entropy(outputs["logits"], labels)
         loss = ce
         parts = {"ce": float(ce.detach())}

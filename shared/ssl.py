@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.config import ConfigError, FedmskConfig, register_check
-from shared.losses import _BankContrast
+from shared.losses import _BankContrast, empty_batch_loss
 
 RECON_GRID = 8  # the reconstruction target: the input average-pooled to 8 per spatial axis (8x8, 8x8x8)
 ENCODER_NAMES = ("image", "clinical")  # the task models' encoder submodules (what a pretraining run keeps)
@@ -202,7 +202,7 @@ class PretrainLoss(nn.Module):
     def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         first = next(iter(outputs.values()))
         if first.shape[0] == 0:  # an empty Poisson batch under DP-SGD: no patient, no loss (the noisy step still runs)
-            return sum(v.sum() for v in outputs.values()) * 0.0, {"loss": 0.0}
+            return empty_batch_loss(outputs), {"loss": 0.0}
         if self.objective == "ssl":
             if self.bank is not None:
                 loss = self.bank.contrast(F.normalize(outputs["z1"], dim=-1), F.normalize(outputs["z2"], dim=-1))

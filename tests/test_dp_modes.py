@@ -22,6 +22,8 @@ MODELS = {
     "mmcl": ["model=mmcl", "task.image_size=[16,16]", "model.aux_loss=prototype"],
     "late_fusion": ["model=late_fusion", "task.image_size=[16,16]", "model.aux_loss=prototype"],
     "fracture3d": ["task=vertebral_fracture", "model=fracture3d", "task.image_size=[16,16,16]", "model.aux_loss=prototype"],
+    # the U-Net decoder's transposed convolutions (client.grad_samplers.conv_transpose_grad_sample)
+    "segclass": ["task=osteoporosis_hand", "model=segclass", "task.image_size=[16,16]", "model.aux_loss=segmentation"],
 }
 
 
@@ -37,6 +39,10 @@ def setup(name: str, n: int = 6, seed: int = 0):
             p.add_(0.1 * torch.randn_like(p))
     g = torch.Generator().manual_seed(seed)
     image = torch.rand(n, 1, *cfg.task.image_size, generator=g, dtype=torch.float64)
+    if name == "segclass":  # the mask rides in one-hot channels after the image (shared.masks)
+        n_seg = screener.net.n_seg
+        mask = torch.randint(0, n_seg, (n, *cfg.task.image_size), generator=g)
+        image = torch.cat([image, torch.nn.functional.one_hot(mask, n_seg).movedim(-1, 1).double()], dim=1)
     clinical = torch.randn(n, len(feature_names(cfg.task)), generator=g, dtype=torch.float64)
     classes = screener(image[:1], clinical[:1])["logits"].shape[1]
     return screener, (image, clinical, (torch.arange(n) + seed) % classes)

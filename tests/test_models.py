@@ -87,6 +87,27 @@ def test_an_empty_batch_runs(name: str, aux: str) -> None:
     sum(v.float().sum() for v in out.values() if v is not None).backward()
 
 
+@pytest.mark.parametrize(("name", "aux"), CASES)
+def test_an_empty_batch_gives_every_weight_a_per_sample_gradient(name: str, aux: str) -> None:
+    """The criterion's zero loss of an empty batch reaches every weight, so Opacus' noisy step
+    finds a (B=0) per-sample gradient on each; one it misses makes the step raise."""
+    import client.grad_samplers  # noqa: F401  (fedmsk's samplers, as the sites register them)
+    from opacus import GradSampleModule
+
+    from shared.losses import build_criterion
+
+    dims = 3 if name == "fracture3d" else 2
+    cfg = make_cfg(name, aux, dims=dims, size=16)
+    model = GradSampleModule(build_model(cfg, n_clinical=N_CLIN))
+    image, clinical = batch(0, dims=dims, size=16)
+    loss, _ = build_criterion(cfg)(model(image, clinical), torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad_sample is not None, f"{name}/{aux}: the empty batch's loss does not reach {pname}"
+            assert p.grad_sample.shape == (0, *p.shape)
+
+
 def off_init(model: nn.Module) -> nn.Module:
     """Move every weight off its init: zero-initialised parts (logreg, the fusion's residual
     scale gamma, the clinical read-out) block gradients or inputs only at the init itself."""
