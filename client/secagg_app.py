@@ -28,6 +28,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from client.app import app as message_app
 from client.app import run_evaluate, run_train
 from shared.config import FedmskConfig, from_yaml
+from shared.model_cache import model_cache_mod
+from shared.packing import packed_arrays_mod
 from shared.messages import (
     EVAL_METRIC_KEYS, JOB_KEY, METRICS, NUM_EXAMPLES, RUN_ID_KEY, SPLIT_KEY, TRAIN_METRIC_KEYS, site_reply,
 )
@@ -115,6 +117,11 @@ class RoutingClientApp(ClientApp):
         super().__init__()
 
     def __call__(self, message: Message, context: Context) -> Message:
+        # unpacked, then the global model put back where the server left it out (shared.model_cache), then routed
+        return packed_arrays_mod(message, context, lambda m, c: model_cache_mod(m, c, self._route))
+
+    @staticmethod
+    def _route(message: Message, context: Context) -> Message:
         target = legacy_app if is_legacy_message(message) else message_app
         return target(message, context)
 

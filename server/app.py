@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.federation import RunStopped, run_federation
 from server.reply_poll import quick_replies
 from shared.config import FedmskConfig, compose
+from shared.model_cache import deliver_once
 
 
 def default_run_dir(cfg: FedmskConfig, verb: str) -> Path:
@@ -32,6 +33,7 @@ def make_server_app(cfg: FedmskConfig | None = None, run_dir: Path | None = None
         run_cfg = cfg or compose(shlex.split(str(context.run_config.get("overrides", ""))))
         folder = run_dir or default_run_dir(run_cfg, "federation")
         grid = quick_replies(grid, run_cfg.federation.reply_poll_s, pack=not run_cfg.federation.secure_aggregation)
+        grid = deliver_once(grid)  # the global model goes down once a round, not in evaluate and again in train
         if run_cfg.federation.secure_aggregation:
             from server.secagg import run_secure_federation
 

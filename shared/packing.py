@@ -24,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 LAYOUT = ".fedmsk-packed"  # suffix of the ConfigRecord key that describes a packed ArrayRecord
 PACKED = "packed"  # the one Array of a packed ArrayRecord
+MARK = "fedmsk" + LAYOUT  # in every packed message, so a message without arrays (shared.model_cache) is answered packed
 
 
 def pack_record(record: ArrayRecord) -> tuple[ArrayRecord, ConfigRecord]:
@@ -55,7 +56,7 @@ def is_packed(content: RecordDict) -> bool:
 
 def pack_content(content: RecordDict) -> RecordDict:
     """``content`` with every ArrayRecord of two or more arrays packed into one array."""
-    out = RecordDict()
+    out = RecordDict({MARK: ConfigRecord({})})
     for key, record in content.items():
         if isinstance(record, ArrayRecord) and len(record) > 1:
             out[key], out[key + LAYOUT] = pack_record(record)

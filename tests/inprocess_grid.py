@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
+from shared.model_cache import model_cache_mod
 
 
 class InProcessGrid(Grid):
@@ -29,6 +30,7 @@ class InProcessGrid(Grid):
         self.node_configs = node_configs
         self.tamper = tamper or (lambda node, reply: reply)
         self.sent: list[Message] = []
+        self.states: dict[int, RecordDict] = {}  # each node's context.state, kept between messages as a SuperNode does
 
     def set_run(self, run):  # pragma: no cover - not used by fedmsk's loop
         pass
@@ -56,11 +58,12 @@ class InProcessGrid(Grid):
         for msg in messages:
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
-            ctx = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(), run_config={})
+            state = self.states.setdefault(node, RecordDict())
+            ctx = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=state, run_config={})
             kind = msg.metadata.message_type
             handler = client_app.train if kind == "train" else client_app.app if kind.startswith("query") else client_app.evaluate_fn
             try:
-                reply = handler(msg, ctx)
+                reply = model_cache_mod(msg, ctx, handler)  # as client.secagg_app's app does (shared.model_cache)
             except Exception as exc:  # what Flower turns into an error reply, in Flower's format
                 reply = Message(Error(code=2, reason=str(type(exc)) + ":<'" + str(exc) + "'>"), reply_to=msg)
             replies.append(self.tamper(node, reply))
