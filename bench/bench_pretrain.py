@@ -1,5 +1,6 @@
 """Label efficiency of pretraining: sarcopenia AUC at 10 %, 25 % and 100 % of each site's labels, from
-random init vs federated self-supervised (`fedmsk pretrain`, pretrain=ssl) vs federated cross-modal
+random init vs federated self-supervised (`fedmsk pretrain`, pretrain=ssl: views against the public image bank;
+ssl-simsiam: the negative-free SimSiam form, which collapsed) vs federated cross-modal
 (pretrain=crossmodal) vs public (`fedmsk pretrain-public`) encoders, fine-tuned whole
 (``model.finetune=all``) or as a linear probe of the frozen encoders (``model.finetune=heads``),
 without DP and under the eps 8 preset, over seeds.
@@ -52,6 +53,10 @@ MODEL = ["model=mmcl", "model.aux_loss=prototype"]  # the DP presets' aux loss i
 PRESETS = {None: [], 8.0: ["privacy=eps8"]}
 PRETRAIN_DP = ["privacy=eps4"]  # a DP fine-tuning cell's encoder was pretrained on the same patients under eps 4
 PRETRAIN_ROUNDS = ["rounds=3"]
+# federated arms -> the pretraining objective; ssl is the default per-sample form (views against the public bank,
+# shared.ssl), ssl-simsiam the negative-free form it replaced (it collapsed: bench/bench_pretrain_probe.py)
+OBJECTIVES = {"ssl": ["pretrain=ssl"], "ssl-simsiam": ["pretrain=ssl", "pretrain.ssl_loss=simsiam"],
+              "crossmodal": ["pretrain=crossmodal"]}
 
 
 def write_sites(root: Path, seed: int) -> Path:
@@ -124,7 +129,7 @@ def public_encoder(out: Path) -> tuple[Path, float]:
 
 
 def federated_encoder(out: Path, objective: str, seed: int, dp: bool) -> tuple[Path, float]:
-    """`fedmsk pretrain` (pretrain=ssl | crossmodal) on this seed's federation, labels unused; under DP at eps 4."""
+    """`fedmsk pretrain` (OBJECTIVES[objective]) on this seed's federation, labels unused; under DP at eps 4."""
     from client.site import list_sites
     from simulation.pretrain_fed import run_federated_pretrain
     from tests.inprocess_grid import InProcessGrid
@@ -135,8 +140,8 @@ def federated_encoder(out: Path, objective: str, seed: int, dp: bool) -> tuple[P
         meta = json.loads(done.read_text())
         return Path(meta["weights"]), meta["epsilon_max"]
     data = _fresh(write_sites(out, seed), work / "data")
-    cfg = compose(FEDERATION + MODEL + PRETRAIN_ROUNDS + [f"pretrain={objective}", f"seed={seed}", f"data_root={data}",
-                                                          f"run_dir={work / 'run'}", *(PRETRAIN_DP if dp else [])])
+    cfg = compose(FEDERATION + MODEL + PRETRAIN_ROUNDS + OBJECTIVES[objective] + [f"seed={seed}", f"data_root={data}",
+                                                                                 f"run_dir={work / 'run'}", *(PRETRAIN_DP if dp else [])])
     folders = list_sites(cfg.data_root)
     weights = run_federated_pretrain(cfg, InProcessGrid({100 + i: {"partition-id": i} for i in range(len(folders))}),
                                      Console(quiet=True))
@@ -198,7 +203,7 @@ def table(cells: list[dict]) -> str:
     head = " | ".join(f"{f:.0%} labels" for f in fractions)
     lines = [f"| init | trained | DP | {head} | 10 % / full-label ref. | seeds | eps (pretrain + fine-tune, max) |",
              "|---|---|---|" + "---|" * len(fractions) + "---|---|---|"]
-    order = {"random": 0, "public": 1, "ssl": 2, "crossmodal": 3}
+    order = {"random": 0, "public": 1, "ssl": 2, "ssl-simsiam": 3, "crossmodal": 4}
     rows = sorted({k[:3] for k in groups}, key=lambda k: (k[2] is not None, order.get(k[0], 9), k[1]))
     for arm, finetune, eps in rows:
         cols = [_mean_sd([c["test_auc"] for c in groups[(arm, finetune, eps, f)]]) if (arm, finetune, eps, f) in groups else "-"

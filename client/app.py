@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from client.ledger import PrivacyLedger
 from client.privacy import SitePrivacy, dp_training, resolve_policy
-from client.pretrain import evaluate_pretrain, pretrain_datasets, run_spend
+from client.pretrain import attach_bank, evaluate_pretrain, pretrain_datasets, run_spend
 from client.release import release_counts
 from client.local_state import site_local_params
 from client.site import SiteIdentity, resolve_site
@@ -96,6 +96,7 @@ def _prepare(node_config: dict[str, Any], job_yaml: str, weights: dict[str, torc
     torch.set_num_threads(max(1, cfg.federation.torch_threads))
     datasets = _site_datasets(str(site.data_dir), job_yaml, cfg.seed, policy.enabled)
     screener = build_screener(cfg)
+    attach_bank(screener, datasets)  # pretrain.ssl_loss=public: the public images its negatives embed
     local = site_local_params(cfg, site.data_dir, run_id, screener)  # FedBN-style: this site's own part
     screener.load_state_dict(local.fill(weights, screener.state_dict()) if local else weights)
     return cfg, site, policy, datasets, screener

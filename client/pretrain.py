@@ -9,10 +9,19 @@ ledger as supervised training (``client.app``); what differs lives here:
   from these weights is tested on patients its encoders never saw;
 - the self-supervised views: two independently augmented copies of each image (MONAI
   transforms), drawn per patient so one patient's views depend on that image alone;
-- the evaluation: the objective's mean loss on the validation patients, no labels needed.
+- the evaluation: the objective's mean loss on the validation patients, no labels needed;
+- the public image bank of ``pretrain.ssl_loss=public`` (``public_bank``), loaded once with the
+  site's datasets and handed to the model (``attach_bank``).
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from client.privacy import SitePrivacy, epsilon_of
 from client.randomness import site_seed
-from shared.config import FedmskConfig, TaskConfig
+from shared.config import ConfigError, FedmskConfig, TaskConfig
+from shared.ssl import uses_image_bank
 
 
 class TwoViews:
@@ -95,7 +105,60 @@ def pretrain_datasets(data_dir: str, cfg: FedmskConfig, seed: int, private: bool
             transform = train_augmentation(task, seed) if name == "train" and task.augment else None
         out[name] = MonaiDataset(items, transform=transform)
     out["test"] = MonaiDataset([])  # never read by pretraining (the split stays the fine-tuning test set)
+    if uses_image_bank(cfg):
+        out["bank"] = public_bank(cfg, data_dir)
     return out
+
+
+def public_bank(cfg: FedmskConfig, data_dir: str) -> torch.Tensor:
+    """The ``pretrain.ssl_loss=public`` negatives' images, ``[bank_size, C, *task.image_size]``, no patient in them.
+
+    From ``pretrain.bank_root`` (a folder of public site folders, read with the task's own intake so
+    they are preprocessed exactly as the site's images), or, when that is null, from the task's
+    synthetic generator (`fedmsk synth`) at the public ``pretrain.bank_seed``, written once into the
+    site's cache folder. The choice of images is a public permutation (bank_seed): every site of a
+    run holds the same bank, and the server could compute it too.
+    """
+    from client.site import list_sites
+    from shared.sitedata import load_site
+
+    p = cfg.pretrain
+    root = Path(p.bank_root) if p.bank_root else _synthetic_bank(cfg, Path(data_dir))
+    if p.bank_root and not root.is_dir():
+        raise ConfigError(f"config 'pretrain.bank_root' = {root} is not a folder; give a folder of public site folders "
+                          f"(e.g. written by `fedmsk synth seed=50 data_root={root}`), or null for the synthetic bank")
+    images = np.concatenate([load_site(folder, cfg.task, labelled_only=False).images for folder in list_sites(root)])
+    if len(images) == 0:
+        raise ConfigError(f"config 'pretrain.bank_root' = {root}: no usable image in its site folders; "
+                          f"run `fedmsk check` on them")
+    pick = np.random.default_rng(p.bank_seed).permutation(len(images))[: p.bank_size]
+    return torch.from_numpy(np.ascontiguousarray(images[np.sort(pick)]))
+
+
+def _synthetic_bank(cfg: FedmskConfig, site_dir: Path) -> Path:
+    """``fedmsk synth`` of one public site at ``pretrain.bank_seed`` under the site's cache, written once per
+    (task, synth settings, seed, size); a generator's own output, so no patient data."""
+    from shared.cache import CACHE_DIRNAME
+    from simulation.generators import write_federation
+
+    p = cfg.pretrain
+    n = max(10, math.ceil(p.bank_size * 1.25))  # a margin for the records a generator writes broken on purpose
+    synth = replace(cfg.synth, patients_per_site=[n], unlabelled_fraction=0.0)
+    key = hashlib.blake2b(json.dumps([cfg.task.name, str(synth), p.bank_seed], sort_keys=True).encode(),
+                          digest_size=8).hexdigest()
+    root = site_dir / CACHE_DIRNAME / "public-bank" / key
+    if not root.is_dir():
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_federation(replace(cfg, seed=p.bank_seed, num_sites=1, data_root=str(tmp), synth=synth))
+        tmp.rename(root)
+    return root
+
+
+def attach_bank(screener: torch.nn.Module, datasets: dict) -> None:
+    """Hand a pretraining job's public bank (``pretrain_datasets``) to its model; a no-op for every other job."""
+    if "bank" in datasets:
+        screener.net.set_bank(datasets["bank"])
 
 
 @torch.no_grad()

@@ -242,7 +242,9 @@ class PretrainConfig:
     """
 
     objective: str = "none"  # none (supervised training) | ssl (two views of one image) | crossmodal (image <-> clinical)
-    ssl_loss: str = "simsiam"  # ssl: simsiam (predictor + stop-gradient) | bank (the views against a fixed public bank)
+    # ssl: public (the views against the encoder's own embeddings of public images: does not collapse) |
+    # simsiam (predictor + stop-gradient) | bank (the views against fixed random vectors)
+    ssl_loss: str = "public"
     negatives: str = "bank"  # crossmodal: bank (fixed non-private, DP-safe) | batch (in-batch CLIP; refused under DP)
     # under DP: the most this pretraining run may spend at a site on its own (null: what is left of the site's
     # budget, as any run, leaving none for fine-tuning); the site's budget caps the total either way
@@ -252,6 +254,11 @@ class PretrainConfig:
     # weight of a per-sample reconstruction term (each encoder's embedding decodes its own input, coarsely):
     # without it the negative-free and bank objectives collapse every patient to one embedding (measured)
     recon_weight: float = 1.0
+    # ssl_loss=public: the public images' folder of site folders (e.g. `fedmsk synth seed=50 data_root=DIR`);
+    # null: drawn by the task's own synthetic generator at bank_seed into the site's cache (no patient data)
+    bank_root: str | None = None
+    bank_size: int = 64  # public images in the bank
+    bank_seed: int = 50  # the synthetic bank's generator seed (public, the same at every site)
 
 
 @dataclass
@@ -299,7 +306,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "federation.compression": ("none", "fp16", "int8"),
     "federation.precision": ("fp32", "bf16", "fp16"),
     "pretrain.objective": ("none", "ssl", "crossmodal"),
-    "pretrain.ssl_loss": ("simsiam", "bank"),
+    "pretrain.ssl_loss": ("public", "simsiam", "bank"),
     "pretrain.negatives": ("bank", "batch"),
 }
 _COLUMN_KINDS = ("float", "int", "category")

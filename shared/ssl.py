@@ -15,13 +15,28 @@ patient alone. A loss whose negatives are the other patients of the batch (SimCL
 layer with batch statistics (BatchNorm), makes patient i's gradient move when patient j changes,
 so clipping i bounds nothing about j. The objectives below avoid both:
 
+- ``ssl`` / ``public`` (the default; MoCo-style, He et al. 2020, with a public queue): two augmented
+  views of one image are each other's positive in an InfoNCE whose negatives are the current
+  encoder's embeddings of ``pretrain.bank_size`` *public* images (``client.pretrain.public_bank``:
+  a folder of public sites, or the task's own synthetic generator at a public seed), computed
+  without gradient at every forward pass. Why per-sample: patient i's loss reads i's two views,
+  the weights and the public images, nothing else; the bank's embeddings are a function of the
+  weights (the same for every patient of a step) and of public data, and being detached they
+  add no path from one patient's gradient to another's (tested: replacing one patient of a batch
+  leaves the others' per-sample gradients unchanged). Why it does not collapse: an encoder that
+  maps everything to one point maps the public images there too, so the positive is no closer
+  than any negative and the loss sits at its maximum, log(bank_size + 1); the only way down is
+  to tell each patient's views apart from the public images (uniformity against public data, in
+  place of SimCLR's in-batch uniformity). Its limit: negatives as unlike the hospital's images
+  as synthetic ones may be easy to tell apart, so the bank should resemble the sites' images.
 - ``ssl`` / ``simsiam`` (Chen & He 2021): two augmented views of one image, a predictor and a
   stop-gradient; the loss of patient i is the negative cosine between i's own two views, with
   no negatives at all. Collapse is avoided by the predictor + stop-gradient asymmetry, not by
   batch statistics: the encoders use GroupNorm/LayerNorm and the heads LayerNorm (per sample),
   as in BYOL's "works without batch statistics" variant (Richemond et al. 2020).
 - ``ssl`` / ``bank``: the two views as each other's positive against ``BANK_SIZE`` fixed random
-  unit vectors (no patient data, the same at every site): an InfoNCE whose negatives are public.
+  unit vectors (no patient data, the same at every site): an InfoNCE whose negatives are public
+  but not images, so a point far from every vector beats them (collapses, as SimSiam did).
 - ``crossmodal`` / ``bank``: the patient's image and clinical embeddings as positives, against
   that bank.
 - ``crossmodal`` / ``batch``: CLIP's in-batch InfoNCE. Stronger negatives, but batch-coupled
@@ -62,6 +77,11 @@ def objective_label(cfg: FedmskConfig) -> str:
     return f"pretrain:{p.objective}/{p.ssl_loss if p.objective == 'ssl' else p.negatives}"
 
 
+def uses_image_bank(cfg: FedmskConfig) -> bool:
+    """Whether the objective's negatives are the encoder's embeddings of public images (``ssl_loss=public``)."""
+    return cfg.pretrain.objective == "ssl" and cfg.pretrain.ssl_loss == "public"
+
+
 def couples_batch(cfg: FedmskConfig) -> bool:
     """Whether the pretraining loss makes one patient's gradient depend on the other patients."""
     return cfg.pretrain.objective == "crossmodal" and cfg.pretrain.negatives == "batch"
@@ -86,6 +106,8 @@ def _check_pretrain(cfg: FedmskConfig) -> None:
     if cfg.model.finetune != "all":
         raise ConfigError(f"config 'model.finetune={cfg.model.finetune}' with pretrain.objective={cfg.pretrain.objective}: "
                           f"pretraining trains the encoders, which finetune={cfg.model.finetune} freezes; use model.finetune=all")
+    if cfg.pretrain.bank_size < 1:
+        raise ConfigError(f"config 'pretrain.bank_size' is {cfg.pretrain.bank_size}; the public bank needs at least 1 image")
     if cfg.pretrain.proj_dim < 1 or cfg.pretrain.temperature <= 0 or cfg.pretrain.recon_weight < 0:
         raise ConfigError("config 'pretrain': proj_dim must be >= 1, temperature > 0 and recon_weight >= 0")
     if cfg.pretrain.epsilon is not None and cfg.pretrain.epsilon <= 0:
@@ -146,10 +168,29 @@ class PretrainNet(nn.Module):
             self.clinical_proj = Head(embed, embed, p.proj_dim)
         else:
             raise ConfigError(f"config 'pretrain.objective' is '{p.objective}'; a pretraining model needs ssl or crossmodal")
+        # ssl_loss=public: the public images [K, C, *size] (set_bank; a plain attribute, not a buffer: never
+        # averaged, checkpointed or sent, every site holds the same ones)
+        self.uses_image_bank = uses_image_bank(cfg)
+        self.bank_images: torch.Tensor | None = None
         n_pixels = self.in_channels * math.prod(self.recon_size)
         self.image_decoder = nn.Linear(embed, n_pixels) if p.recon_weight > 0 else None
         n_clinical = self.clinical.net[0].in_features if p.objective == "crossmodal" else 0
         self.clinical_decoder = nn.Linear(embed, n_clinical) if p.recon_weight > 0 and n_clinical else None
+
+    def set_bank(self, images: torch.Tensor) -> None:
+        """The public images ``[K, C, *size]`` whose embeddings are the ``public`` objective's negatives."""
+        if images.dim() != 2 + len(self.recon_size) or images.shape[0] < 1:
+            raise ValueError(f"a public bank is [K, C, *{self.recon_size}] with K >= 1; got {tuple(images.shape)}")
+        self.bank_images = images[:, : self.in_channels].float()
+
+    def _bank_embeddings(self, device: torch.device) -> torch.Tensor:
+        """The current encoder's projections of the public images, L2-normalised, without gradient (constants
+        for the step: no patient's gradient flows through them, and Opacus' hooks record nothing)."""
+        if self.bank_images is None:
+            raise RuntimeError("pretrain.ssl_loss=public needs its public image bank (client.pretrain.attach_bank) before "
+                               "a forward pass; the site loads it from pretrain.bank_root or the task's synthetic generator")
+        with torch.no_grad():
+            return F.normalize(self.projector(self.image(self.bank_images.to(device))[0]), dim=-1)
 
     def encoders(self) -> dict[str, nn.Module]:
         """The modules a pretraining run keeps, by the task models' names."""
@@ -168,6 +209,8 @@ class PretrainNet(nn.Module):
             h = [self.image(v)[0] for v in views]
             z = [self.projector(e) for e in h]
             out |= {"z1": z[0], "z2": z[1]}
+            if self.uses_image_bank:
+                out["bank"] = self._bank_embeddings(image.device)
             if self.predictor is not None:
                 out |= {"p1": self.predictor(z[0]), "p2": self.predictor(z[1])}
             for i, (e, v) in enumerate(zip(h, views), start=1):
@@ -180,6 +223,14 @@ class PretrainNet(nn.Module):
         if self.clinical_decoder is not None:
             out["recon_clinical"], out["target_clinical"] = self.clinical_decoder(h_clinical), clinical
         return out
+
+
+def _contrast(a: torch.Tensor, b: torch.Tensor, bank: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE of each patient's pair (a_i, b_i) against the rows of ``bank`` (L2-normalised inputs):
+    the batch mean of per-patient terms."""
+    pos = (a * b).sum(dim=-1, keepdim=True)
+    target = torch.zeros(a.shape[0], dtype=torch.long, device=a.device)
+    return 0.5 * sum(F.cross_entropy(torch.cat([pos, z @ bank.t()], dim=1) / temperature, target) for z in (a, b))
 
 
 def _negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -202,9 +253,12 @@ class PretrainLoss(nn.Module):
     def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         first = next(iter(outputs.values()))
         if first.shape[0] == 0:  # an empty Poisson batch under DP-SGD: no patient, no loss (the noisy step still runs)
-            return empty_batch_loss(outputs), {"loss": 0.0}
+            return empty_batch_loss({k: v for k, v in outputs.items() if k != "bank"}), {"loss": 0.0}
         if self.objective == "ssl":
-            if self.bank is not None:
+            if self.ssl_loss == "public":  # the views against the public images' embeddings (detached, per step)
+                loss = _contrast(F.normalize(outputs["z1"], dim=-1), F.normalize(outputs["z2"], dim=-1), outputs["bank"],
+                                 self.temperature)
+            elif self.bank is not None:
                 loss = self.bank.contrast(F.normalize(outputs["z1"], dim=-1), F.normalize(outputs["z2"], dim=-1))
             else:  # symmetric SimSiam: each view's prediction against the other view, stop-gradient on the target
                 loss = 0.5 * (_negative_cosine(outputs["p1"], outputs["z2"]) + _negative_cosine(outputs["p2"], outputs["z1"]))

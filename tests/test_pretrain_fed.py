@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from client.trainer import build_screener
 from server.federation import run_federation
 from shared.config import ConfigError, compose
 from shared.provenance import compose_privacy
+from shared.ssl import uses_image_bank
 from shared.sitedata import load_site, make_datasets
 from simulation.pretrain_fed import run_federated_pretrain
 from simulation.synth import write_federation
@@ -30,8 +32,8 @@ TINY = SMALL + ["num_sites=2", "synth.patients_per_site=[36,34]", "synth.image_s
                 "federation.local_epochs=1", "rounds=1", "federation.batch_size=8"]
 DP = ["privacy=eps8", "privacy.accountant=rdp", "privacy.batch_size=8"]
 UNLABELLED = 6  # patients per site whose label is blanked in clinical.csv
-OBJECTIVES_DP = {"ssl": ["pretrain=ssl"], "ssl_bank": ["pretrain=ssl", "pretrain.ssl_loss=bank"],
-                 "crossmodal": ["pretrain=crossmodal"]}
+OBJECTIVES_DP = {"ssl": ["pretrain=ssl"], "ssl_simsiam": ["pretrain=ssl", "pretrain.ssl_loss=simsiam"],
+                 "ssl_bank": ["pretrain=ssl", "pretrain.ssl_loss=bank"], "crossmodal": ["pretrain=crossmodal"]}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -86,6 +88,8 @@ def _replaced_patient_effect(overrides: list[str]) -> tuple[float, float, float]
     screener = build_screener(cfg)
     screener.train()
     g = torch.Generator().manual_seed(1)
+    if uses_image_bank(cfg):  # ssl_loss=public: the negatives are the encoder's embeddings of these public images
+        screener.net.set_bank(torch.rand(6, 1, 16, 16, generator=g))
     channels = 2 if cfg.pretrain.objective == "ssl" else 1
     image, clinical = torch.rand(5, channels, 16, 16, generator=g), torch.randn(5, 5, generator=g)
     before = _per_sample_grads(screener, image, clinical)
@@ -101,6 +105,29 @@ def test_each_dp_objective_is_per_sample(objective: str) -> None:
     others, replaced, size = _replaced_patient_effect(OBJECTIVES_DP[objective])
     assert size > 1e-4 and replaced > 1e-4  # the gradients are real and patient 3's own did change
     assert others < 1e-6  # nobody else's moved: DP-SGD's per-patient clipping bounds each patient
+
+
+def test_the_public_bank_objective_scores_collapse_at_its_worst() -> None:
+    """An encoder that maps every image to one point maps the public images there too: the loss is log(K + 1), the
+    most it can be; the same encoder before collapsing, whose patient's views agree more with each other than with
+    the public images, scores lower. So the objective's way down leads away from collapse (SimSiam's does not)."""
+    g = torch.Generator().manual_seed(2)
+    view = torch.rand(4, 1, 16, 16, generator=g)
+    image = torch.cat([view, view], dim=1)  # two identical views: the positive pair agrees fully
+    screener = build_screener(compose(SMALL + ["pretrain=ssl", "pretrain.recon_weight=0"])).eval()
+    screener.net.set_bank(torch.rand(6, 1, 16, 16, generator=g))
+    with torch.no_grad():
+        spread, _ = screener.criterion(screener(image, torch.zeros(4, 5)), torch.full((4,), -1))
+        screener.net.projector.net[-1].weight.zero_()  # collapse: the projection is its bias whatever the image
+        collapsed, _ = screener.criterion(screener(image, torch.zeros(4, 5)), torch.full((4,), -1))
+    assert float(collapsed) == pytest.approx(math.log(6 + 1), abs=1e-4)
+    assert float(spread) < float(collapsed) - 0.1
+
+
+def test_a_forward_without_the_public_bank_is_refused() -> None:
+    screener = build_screener(compose(SMALL + ["pretrain=ssl"]))
+    with pytest.raises(RuntimeError, match="public image bank"):
+        screener(torch.rand(2, 2, 16, 16), torch.zeros(2, 5))
 
 
 def test_in_batch_crossmodal_couples_the_batch_and_is_refused_under_dp() -> None:
@@ -180,7 +207,7 @@ def test_the_card_and_the_ledger_record_the_private_pretraining(dp_pretrained) -
     assert [r for r, _ in card["val_loss_by_round"]] == [0, 1, 2]
     ledger = PrivacyLedger.load(dp_pretrained["root"] / "site_a")
     objectives = {plan.objective for plan in ledger.plans.values()}
-    assert objectives == {"pretrain:ssl/simsiam", "pretrain:crossmodal/bank"}  # one plan per objective
+    assert objectives == {"pretrain:ssl/public", "pretrain:crossmodal/bank"}  # one plan per objective
     runs = {run for run, plan in ledger.plans.items()}
     assert {r.run_id for r in ledger.rounds} == runs and len(ledger.rounds) == 4  # 2 rounds per objective
     report = budget_report(dp_pretrained["root"] / "site_a")  # what `fedmsk privacy` lists: epsilon per run and objective
@@ -196,7 +223,7 @@ def test_a_model_fine_tuned_from_dp_pretrained_weights_composes_the_epsilons(dp_
     recorder.finish(arrays)
     card = json.loads((tmp_path / "ft" / "model_card.json").read_text())
     comp = card["privacy_composition"]
-    assert "sequential composition" in comp["rule"] and comp["pretraining_objective"] == "pretrain:ssl/simsiam"
+    assert "sequential composition" in comp["rule"] and comp["pretraining_objective"] == "pretrain:ssl/public"
     for site in ("site_a", "site_b"):
         row = comp["sites"][site]
         ft = card["sites"][site]["epsilon"]
@@ -206,7 +233,7 @@ def test_a_model_fine_tuned_from_dp_pretrained_weights_composes_the_epsilons(dp_
 
 
 def test_composition_has_no_bound_where_a_run_had_no_dp() -> None:
-    pre = {"objective": "ssl", "objective_label": "pretrain:ssl/simsiam",
+    pre = {"objective": "ssl", "objective_label": "pretrain:ssl/public",
            "sites": {"a": {"epsilon": None, "delta": None}, "b": {"epsilon": 2.0, "delta": 1e-5}}}
     comp = compose_privacy(pre, {"a": {"epsilon": 3.0, "delta": 1e-5}, "b": {"epsilon": 3.0, "delta": 1e-5},
                                  "c": {"epsilon": 1.0, "delta": 1e-5}})
