@@ -374,7 +374,11 @@ def merge_grids(report: dict, other: dict) -> None:
 
 def grid_table(cells: list[dict], step_cost: dict[str, float], pairs: list[tuple[str, str]]) -> str:
     """The README table: mean +- SD of test AUC over seeds, and the ratio to the same model and init
-    without DP; every requested (model, init) row is listed, cells without runs as 'not run'."""
+    without DP; every requested (model, init) row is listed, cells without runs as 'not run'.
+
+    A seed run twice (DP noise and sampling come from OS entropy, so a rerun differs) counts once,
+    as the mean of its runs; the seeds column gives the fewest seeds of the row's cells, and the runs
+    behind them where a seed ran more than once."""
     import numpy as np
 
     epsilons = [None, 8.0, 4.0, 1.0]
@@ -393,13 +397,18 @@ def grid_table(cells: list[dict], step_cost: dict[str, float], pairs: list[tuple
             if not runs:
                 out.append("not run")
                 continue
-            auc = np.array([r["test_auc"] for r in runs])
-            seeds.add(len(runs))
+            by_seed: dict[int, list[float]] = {}
+            for r in runs:
+                by_seed.setdefault(r["seed"], []).append(r["test_auc"])
+            auc = np.array([np.mean(v) for v in by_seed.values()])
+            seeds.add((len(by_seed), len(runs)))
             oracle += [r["oracle_auc"] for r in runs]
             text = f"{auc.mean():.3f} +- {auc.std(ddof=1) if len(auc) > 1 else 0:.3f}"
             out.append(text + (f" ({auc.mean() / ref_auc:.3f}x)" if eps is not None and ref_auc else ""))
         cost = step_cost.get(f"{model.partition('@')[0]}:{'norm_heads' if init == 'public' else 'all'}")
-        lines.append(f"| {model} | {init} | {' | '.join(out)} | {'/'.join(map(str, sorted(seeds))) or '-'} | "
+        fewest = min(seeds, default=None)
+        seeds_text = "-" if fewest is None else f"{fewest[0]}" + (f" ({max(n for _, n in seeds)} runs)" if any(n > k for k, n in seeds) else "")
+        lines.append(f"| {model} | {init} | {' | '.join(out)} | {seeds_text} | "
                      f"{np.mean(oracle):.3f} | {'-' if cost is None else f'{cost:.2f}x'} |" if oracle else
                      f"| {model} | {init} | {' | '.join(out)} | - | - | {'-' if cost is None else f'{cost:.2f}x'} |")
     return "\n".join(lines)
