@@ -55,13 +55,13 @@ class CountingGrid(InProcessGrid):
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        for msg in messages:
+        for msg in messages:  # before delivery: in process, a site's mods change the message object itself
             cfg = msg.content.config_records.get(CONFIG)
             self.bytes.append({"round": int(cfg["server-round"]) if cfg else -1, "phase": msg.metadata.message_type,
                                "split": str(cfg.get(SPLIT_KEY, "")) if cfg else "", "dir": "down", "bytes": recorddict_to_proto(msg.content).ByteSize(),
                                "job_yaml": len(str(cfg[JOB_KEY]).encode()) if cfg and JOB_KEY in cfg else 0})
         sent = self.bytes[-len(messages):]
+        replies = list(super().send_and_receive(messages, timeout=timeout))
         for row, msg, reply in zip(sent, messages, replies):
             if not reply.has_error():
                 self.bytes.append({"round": row["round"], "split": row["split"], "phase": msg.metadata.message_type, "dir": "up",
