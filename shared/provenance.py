@@ -91,6 +91,8 @@ def write_pretrained(cfg: Any, run_dir: Path, state: dict[str, Any], rows: list[
         "objective": p.objective,
         "objective_label": objective_label(cfg),
         "loss": p.ssl_loss if p.objective == "ssl" else f"infonce, negatives={p.negatives}",
+        "public_bank": ({"images": p.bank_size, "source": p.bank_root or f"synthetic: the task's generator at seed {p.bank_seed}"}
+                        if p.objective == "ssl" and p.ssl_loss == "public" else None),  # the negatives' public images
         "encoders": sorted({k.split(".", 1)[0] for k in encoders}),
         "data": "private: each site's own patients (labelled or not, never its validation or test patients), "
                 "federated with FedAvg; no data left a site",

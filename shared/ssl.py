@@ -56,7 +56,6 @@ objective stays per-sample.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +65,7 @@ from shared.config import ConfigError, FedmskConfig, register_check
 from shared.losses import _BankContrast, empty_batch_loss
 
 RECON_GRID = 8  # the reconstruction target: the input average-pooled to 8 per spatial axis (8x8, 8x8x8)
+IMAGE_CHANNELS = 1  # grey-scale radiographs and CT: the image is channel 0, any mask channels follow (shared.masks)
 ENCODER_NAMES = ("image", "clinical")  # the task models' encoder submodules (what a pretraining run keeps)
 
 
@@ -143,7 +143,7 @@ class PretrainNet(nn.Module):
         from shared.models import build_model
 
         p = cfg.pretrain
-        task_net = build_model(replace(cfg, model=replace(cfg.model, aux_loss="none", aux_weight=0.0)))
+        task_net = build_model(cfg)  # the task model as configured (segclass needs its segmentation loss to build)
         self.objective = p.objective
         image = getattr(task_net, "image", None)
         clinical = getattr(task_net, "clinical", None)
@@ -153,7 +153,10 @@ class PretrainNet(nn.Module):
         self.image = image
         spatial = tuple(int(n) for n in cfg.task.image_size)
         self.recon_size = tuple(min(RECON_GRID, n) for n in spatial)
-        # the encoder's input channels: a task with mask channels (shared.masks) pretrains on the image channel
+        # the encoder's input channels. Pretraining reads the image channel only (IMAGE_CHANNELS; the mask channels
+        # shared.masks appends after it are a segmentation target, never an input); an encoder that reads more
+        # (segclass's classifier: image + the U-Net's mask probabilities and uncertainty, which a pretraining job
+        # has no U-Net for) gets zeros there, so those channels' weights stay at the task model's seeded init
         self.in_channels = next(m for m in image.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))).in_channels
         embed = cfg.model.embed_dim
         if p.objective == "ssl":
@@ -172,7 +175,7 @@ class PretrainNet(nn.Module):
         # averaged, checkpointed or sent, every site holds the same ones)
         self.uses_image_bank = uses_image_bank(cfg)
         self.bank_images: torch.Tensor | None = None
-        n_pixels = self.in_channels * math.prod(self.recon_size)
+        n_pixels = IMAGE_CHANNELS * math.prod(self.recon_size)
         self.image_decoder = nn.Linear(embed, n_pixels) if p.recon_weight > 0 else None
         n_clinical = self.clinical.net[0].in_features if p.objective == "crossmodal" else 0
         self.clinical_decoder = nn.Linear(embed, n_clinical) if p.recon_weight > 0 and n_clinical else None
@@ -181,7 +184,7 @@ class PretrainNet(nn.Module):
         """The public images ``[K, C, *size]`` whose embeddings are the ``public`` objective's negatives."""
         if images.dim() != 2 + len(self.recon_size) or images.shape[0] < 1:
             raise ValueError(f"a public bank is [K, C, *{self.recon_size}] with K >= 1; got {tuple(images.shape)}")
-        self.bank_images = images[:, : self.in_channels].float()
+        self.bank_images = images[:, :IMAGE_CHANNELS].float()
 
     def _bank_embeddings(self, device: torch.device) -> torch.Tensor:
         """The current encoder's projections of the public images, L2-normalised, without gradient (constants
@@ -190,7 +193,12 @@ class PretrainNet(nn.Module):
             raise RuntimeError("pretrain.ssl_loss=public needs its public image bank (client.pretrain.attach_bank) before "
                                "a forward pass; the site loads it from pretrain.bank_root or the task's synthetic generator")
         with torch.no_grad():
-            return F.normalize(self.projector(self.image(self.bank_images.to(device))[0]), dim=-1)
+            return F.normalize(self.projector(self.image(self._encoder_input(self.bank_images.to(device)))[0]), dim=-1)
+
+    def _encoder_input(self, image: torch.Tensor) -> torch.Tensor:
+        """The image channel, zero-padded to the encoder's input channels (see ``in_channels``)."""
+        extra = self.in_channels - IMAGE_CHANNELS
+        return image if extra == 0 else torch.cat([image, image.new_zeros(image.shape[0], extra, *image.shape[2:])], dim=1)
 
     def encoders(self) -> dict[str, nn.Module]:
         """The modules a pretraining run keeps, by the task models' names."""
@@ -205,8 +213,8 @@ class PretrainNet(nn.Module):
     def forward(self, image: torch.Tensor, clinical: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if self.objective == "ssl":
-            views = [v[:, : self.in_channels] for v in image.chunk(2, dim=1)]  # [B, 2C, ...] -> two [B, C, ...]
-            h = [self.image(v)[0] for v in views]
+            views = [v[:, :IMAGE_CHANNELS] for v in image.chunk(2, dim=1)]  # [B, 2C, ...] -> two image channels
+            h = [self.image(self._encoder_input(v))[0] for v in views]
             z = [self.projector(e) for e in h]
             out |= {"z1": z[0], "z2": z[1]}
             if self.uses_image_bank:
@@ -216,8 +224,8 @@ class PretrainNet(nn.Module):
             for i, (e, v) in enumerate(zip(h, views), start=1):
                 self._reconstruct(out, f"view{i}", e, v)
             return out
-        image = image[:, : self.in_channels]
-        h_image, h_clinical = self.image(image)[0], self.clinical(clinical)
+        image = image[:, :IMAGE_CHANNELS]
+        h_image, h_clinical = self.image(self._encoder_input(image))[0], self.clinical(clinical)
         out |= {"z_image": self.image_proj(h_image), "z_clinical": self.clinical_proj(h_clinical)}
         self._reconstruct(out, "image", h_image, image)
         if self.clinical_decoder is not None:

@@ -201,6 +201,7 @@ def test_the_weights_load_into_task_models_and_change_their_features(dp_pretrain
 def test_the_card_and_the_ledger_record_the_private_pretraining(dp_pretrained) -> None:
     card = json.loads((dp_pretrained["ssl"].parent / "encoder_card.json").read_text())
     assert card["objective"] == "ssl" and card["data"].startswith("private") and card["rounds"] == 2
+    assert card["public_bank"] == {"images": 64, "source": "synthetic: the task's generator at seed 50"}
     assert set(card["sites"]) == {"site_a", "site_b"} and "git_commit" in card["code"]
     for s in card["sites"].values():  # pretrain.epsilon=2: this run's own share of the site's budget of 8
         assert s["dp"] and s["rounds_trained"] == 2 and 0.5 < s["epsilon"] <= 2.0 * 1.001 and s["ledger_epsilon"] >= s["epsilon"] - 1e-9
@@ -272,3 +273,46 @@ def test_an_encoder_file_that_does_not_fit_stops_the_run_naming_the_file(tmp_pat
     torch.save({f"clinical.{k}": v for k, v in wide.items()}, path)  # names that are no clinical encoder's
     with pytest.raises(ConfigError, match=r"wide_encoder\.pt.*'clinical' encoder does not fit"):
         build_screener(compose(SMALL + [f"model.pretrained_path={path}"]))
+
+
+# ---------------------------------------------------------------------------- every task's model
+TASK_MODELS = {  # task -> (its model, input channels of the site's image: segclass's hand task carries 4 mask channels)
+    "vertebral_fracture": (["task=vertebral_fracture", "model=fracture3d", "task.image_size=[8,8,8]"], 1),
+    "osteoporosis_chest": (["task=osteoporosis_chest", "model=wavelet_fusion", "task.image_size=[16,16]"], 1),
+    "osteoporosis_hand": (["task=osteoporosis_hand", "model=segclass", "task.image_size=[16,16]"], 5),
+}
+
+
+@pytest.mark.parametrize("task", sorted(TASK_MODELS))
+def test_each_task_pretrains_and_its_model_loads_the_encoder(task: str, tmp_path: Path) -> None:
+    """One step of each objective the task's model allows on the site's input layout (mask channels included),
+    then model.pretrained_path: the task model's encoder is the pretrained one (a model without a clinical encoder
+    refuses crossmodal naming the field)."""
+    overrides, channels = TASK_MODELS[task]
+    small = overrides + ["model.width=4", "model.embed_dim=16", "pretrain.proj_dim=8", "model.clinical_hidden=8"]
+    g = torch.Generator().manual_seed(4)
+    for objective in ("ssl", "crossmodal"):
+        cfg = compose(small + [f"pretrain={objective}"])
+        if objective == "crossmodal" and task == "osteoporosis_hand":
+            with pytest.raises(ConfigError, match="pretrain.objective=crossmodal.*segclass.*pretrain=ssl"):
+                build_screener(cfg)
+            continue
+        screener = build_screener(cfg)
+        net = screener.net
+        size = tuple(cfg.task.image_size)
+        if net.uses_image_bank:
+            net.set_bank(torch.rand(3, channels, *size, generator=g))
+        n = 2 if objective == "ssl" else 1
+        image = torch.rand(3, n * channels, *size, generator=g)
+        clinical = torch.randn(3, net.clinical.net[0].in_features if objective == "crossmodal" else 1, generator=g)
+        loss, _ = screener.criterion(screener(image, clinical), torch.full((3,), -1))
+        loss.backward()
+        torch.optim.SGD(screener.parameters(), lr=0.5).step()
+        weights = tmp_path / f"{objective}.pt"
+        torch.save({f"{name}.{k}": v for name, enc in net.encoders().items() for k, v in enc.state_dict().items()}, weights)
+        model = build_screener(compose(small + [f"model.pretrained_path={weights}"])).net
+        mine = model.state_dict()
+        for name, enc in net.encoders().items():
+            assert all(torch.equal(mine[f"{name}.{k}"], v) for k, v in enc.state_dict().items())
+        seeded = build_screener(compose(small)).net.state_dict()
+        assert any(not torch.equal(mine[k], seeded[k]) for k in mine if k.startswith("image."))  # the step moved it
