@@ -39,20 +39,35 @@ FEDMSK = str(Path(sys.executable).with_name("fedmsk"))
 ROUND_DONE = re.compile(r"round (\d+)/(\d+): val AUC")
 
 
-def tree_rss(root: psutil.Process) -> tuple[int, int]:
-    """(bytes, processes) of ``root`` and all its descendants; processes that ended meanwhile are skipped."""
-    total, count = 0, 0
+def component(proc: psutil.Process, root: psutil.Process) -> str:
+    """Which part of the tree a process is: the driver (ServerApp + simulation engine), a Ray worker
+    (ClientApps), or Ray's own services (GCS, raylet, agents, log monitor)."""
+    if proc.pid == root.pid:
+        return "driver"
+    try:
+        line = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "ray_services"
+    return "ray_workers" if "default_worker.py" in line or line.startswith("ray::") else "ray_services"
+
+
+def tree_rss(root: psutil.Process) -> tuple[int, int, dict[str, int]]:
+    """(bytes, processes, bytes per component) of ``root`` and all its descendants; processes that
+    ended meanwhile are skipped."""
+    total, count, parts = 0, 0, {"driver": 0, "ray_workers": 0, "ray_services": 0}
     try:
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0, 0
+        return 0, 0, parts
     for proc in procs:
         try:
-            total += proc.memory_info().rss
+            rss = proc.memory_info().rss
+            parts[component(proc, root)] += rss
+            total += rss
             count += 1
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return total, count
+    return total, count, parts
 
 
 def base_overrides(n_sites: int, rounds: int, root: Path, image_size: int) -> list[str]:
@@ -79,13 +94,16 @@ def run_one(n_sites: int, rounds: int, out: Path, image_size: int, interval: flo
                             env=os.environ | {"OMP_NUM_THREADS": "1", "COLUMNS": "200"})
     ps = psutil.Process(proc.pid)
     samples: list[tuple[float, int, int]] = []
+    part_peaks: dict[str, int] = {}  # component -> its own peak
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            rss, count = tree_rss(ps)
+            rss, count, parts = tree_rss(ps)
             if count:
                 samples.append((time.perf_counter() - t0, rss, count))
+                for name, value in parts.items():
+                    part_peaks[name] = max(part_peaks.get(name, 0), value)
             stop.wait(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -114,7 +132,8 @@ def run_one(n_sites: int, rounds: int, out: Path, image_size: int, interval: flo
         prev = marks[rnd]
     peak = max(samples, key=lambda s: s[1])
     return {"sites": n_sites, "rounds": rounds, "seconds": round(seconds, 1), "peak_mb": peak[1] / 2**20,
-            "processes_at_peak": peak[2], "per_round": per_round, "samples": len(samples)}
+            "processes_at_peak": peak[2], "component_peak_mb": {k: v / 2**20 for k, v in part_peaks.items()},
+            "per_round": per_round, "samples": len(samples)}
 
 
 def main() -> None:
@@ -141,8 +160,8 @@ def main() -> None:
         result["scale"].append(r)
         base = result["scale"][0]["peak_mb"]
         print(f"{n} sites x {args.rounds} rounds: {r['seconds']:.0f} s, peak {r['peak_mb']:.0f} MB "
-              f"({r['peak_mb'] / base - 1:+.1%} vs {result['scale'][0]['sites']} sites), {r['processes_at_peak']} processes",
-              flush=True)
+              f"({r['peak_mb'] / base - 1:+.1%} vs {result['scale'][0]['sites']} sites), {r['processes_at_peak']} processes; "
+              + ", ".join(f"{k} peak {v:.0f} MB" for k, v in r["component_peak_mb"].items()), flush=True)
         save()
     if args.leak_rounds:
         r = run_one(args.leak_sites, args.leak_rounds, out, args.image_size, args.interval)

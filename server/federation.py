@@ -25,6 +25,7 @@ from server.operating_point import at_operating_point, select_round
 from server.report import RunRecorder
 from server.run_hooks import RunHooks
 from server.strategy import build_strategy
+from server.streaming import RunningMean, replies_as_they_come, streams
 from server.validation import Verdict, check_update
 from shared.compression import decode_reply
 from shared.config import ConfigError, FedmskConfig, to_yaml
@@ -131,7 +132,8 @@ class Federation:
         sent = self.hooks.outgoing(arrays)
         msgs = self.hooks.select(self.strategy.configure_train(rnd, sent, ConfigRecord(dict(self.base_config)), self.grid))
         accepted, refused = [], {}
-        for reply in self._exchange(msgs):
+        fold = RunningMean() if streams(self.strategy) else None  # one model in memory, not one per site
+        for reply in replies_as_they_come(self.grid, list(msgs), self.cfg.strategy.round_timeout_s):
             site = self._site(reply)
             if reply.has_error():
                 refused[site] = plain_reason(reply.error.reason)
@@ -150,6 +152,11 @@ class Federation:
             self.recorder.metrics(rnd, "train", site, metrics)
             self.on_progress(f"round {rnd}/{self.cfg.rounds}: {site} trained on {int(metrics['num-examples'])} patients, loss {metrics['train_loss']:.3f}")
             accepted.append(reply)
+            if fold is not None:
+                try:
+                    fold.add(reply)
+                except InconsistentMessageReplies as exc:
+                    raise self._inconsistent(rnd, arrays, exc) from exc
         if not accepted:
             stop = RunStopped(rnd, refused, self.recorder, arrays)
             self.recorder.event(rnd, "global", STOPPED, str(stop))
@@ -157,14 +164,17 @@ class Federation:
             self.on_progress(f"[red]{stop}[/]")
             raise stop
         try:
-            new_arrays, agg = self.strategy.aggregate_train(rnd, accepted)
+            new_arrays, agg = self.strategy.aggregate_train(rnd, [fold.as_reply()] if fold is not None else accepted)
         except InconsistentMessageReplies as exc:
-            stop = RunStopped(rnd, {"global": f"the sites' replies cannot be averaged together: {exc}"}, self.recorder, arrays)
-            self.recorder.event(rnd, "global", STOPPED, str(stop))
-            raise stop from exc
+            raise self._inconsistent(rnd, arrays, exc) from exc
         if agg is not None:
             self.recorder.metrics(rnd, "train", "global", dict(agg))
         return self.hooks.incoming(arrays, new_arrays)
+
+    def _inconsistent(self, rnd: int, arrays: ArrayRecord, exc: Exception) -> RunStopped:
+        stop = RunStopped(rnd, {"global": f"the sites' replies cannot be averaged together: {exc}"}, self.recorder, arrays)
+        self.recorder.event(rnd, "global", STOPPED, str(stop))
+        return stop
 
     def evaluate_round(self, rnd: int, arrays: ArrayRecord, split: str) -> dict[str, float] | None:
         config = ConfigRecord(dict(self.base_config) | {SPLIT_KEY: split})

@@ -57,3 +57,54 @@ def test_clientapp_keeps_site_splits_within_site_cache_mb(tmp_path):
             assert client_app.SITE_CACHE.bytes <= cfg.federation.site_cache_mb * MB
     assert 1 <= len(client_app.SITE_CACHE) < 6
     client_app.SITE_CACHE.clear()
+
+
+def _train_reply(rng, n: int, keys=("w", "b")):
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    from shared.messages import ARRAYS, METRICS
+    from tests.inprocess_grid import InProcessGrid
+
+    InProcessGrid({})  # Flower's task identity, which a Message needs outside a running app
+    state = {k: rng.normal(size=(3, 2)).astype(np.float32) for k in keys} | {"steps": np.array(n, np.int64)}
+    content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}),
+                          METRICS: MetricRecord({"num-examples": n, "train_loss": float(rng.random())})})
+    return Message(content=content, dst_node_id=0, message_type="train")
+
+
+def test_the_running_mean_aggregates_as_flowers_fedavg_with_one_model_in_memory():
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian
+
+    from server.streaming import RunningMean, streams
+
+    rng = np.random.default_rng(0)
+    replies = [_train_reply(rng, n) for n in (40, 7, 23, 31)]
+    want_arrays, want_metrics = FedAvg().aggregate_train(1, [_copy(r) for r in replies])
+    fold = RunningMean()
+    for reply in replies:
+        fold.add(reply)
+        assert "arrays" not in reply.content  # each update dropped once folded in
+    got_arrays, got_metrics = FedAvg().aggregate_train(1, [fold.as_reply()])
+    for key in want_arrays:
+        assert got_arrays[key].numpy().dtype == want_arrays[key].numpy().dtype
+        np.testing.assert_allclose(got_arrays[key].numpy(), want_arrays[key].numpy(), rtol=1e-6, atol=1e-7)
+    assert dict(got_metrics) == pytest.approx(dict(want_metrics))
+    assert streams(FedAvg()) and streams(FedAdam()) and not streams(FedMedian())
+
+
+def test_a_reply_with_other_keys_cannot_be_folded_in():
+    from flwr.serverapp.exception import InconsistentMessageReplies
+
+    from server.streaming import RunningMean
+
+    rng = np.random.default_rng(1)
+    fold = RunningMean()
+    fold.add(_train_reply(rng, 5))
+    with pytest.raises(InconsistentMessageReplies):
+        fold.add(_train_reply(rng, 5, keys=("w", "other")))
+
+
+def _copy(reply):
+    from flwr.app import Message, RecordDict
+
+    return Message(content=RecordDict(dict(reply.content)), dst_node_id=0, message_type="train")
