@@ -31,6 +31,14 @@ def save_state(path: Path, arrays: ArrayRecord) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+IN_FILE_ONLY = ("hist_",)  # score-histogram bins: 100 numbers a row, read back from metrics.jsonl only (ROC)
+
+
+def _kept(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as held in memory: without its histogram bins (at 200 sites they were most of the driver's rows)."""
+    return {k: v for k, v in row.items() if not k.startswith(IN_FILE_ONLY)}
+
+
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
@@ -52,10 +60,10 @@ class RunRecorder:
         atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
         self._metrics_path = self.run_dir / "metrics.jsonl"
         if self.cfg.resume:  # keep what the interrupted run recorded
-            for name, into in (("metrics.jsonl", self.rows), ("events.jsonl", self.events)):
+            for name, into, keep in (("metrics.jsonl", self.rows, _kept), ("events.jsonl", self.events, dict)):
                 path = self.run_dir / name
                 if path.is_file():
-                    into.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+                    into.extend(keep(json.loads(line)) for line in path.read_text().splitlines() if line.strip())
 
     def latest_checkpoint(self) -> tuple[int, ArrayRecord] | None:
         """The last round checkpointed in this run folder, for resuming after a crash."""
@@ -69,7 +77,7 @@ class RunRecorder:
     def metrics(self, round_: int, phase: str, site: str, values: dict[str, float], split: str = "") -> None:
         row = {"round": round_, "phase": phase, "split": split, "site": site, "time": round(time.time(), 3)}
         row.update({k: _clean(float(v)) for k, v in values.items()})
-        self.rows.append(row)
+        self.rows.append(_kept(row))
         with self._metrics_path.open("a") as fh:  # append-only log, one JSON object a line
             fh.write(json.dumps(row) + "\n")
 

@@ -4,18 +4,22 @@
 per site plus ``global`` (``<run>/tensorboard/<site>/``), tags ``train/<metric>``,
 ``val/<metric>`` and ``test/<metric>``, step = round. The rows are the ones the run folder's
 ``metrics.jsonl`` holds (what the sites sent and the server pooled), so the two never disagree.
-PyTorch's ``SummaryWriter`` writes the files (it needs the ``tensorboard`` package, pinned in
-pyproject.toml, which also provides the viewer).
+TensorBoard's own record writer and protobufs write the files (RunBoard; the ``tensorboard``
+package is pinned in pyproject.toml and also provides the viewer).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
-from torch.utils.tensorboard import SummaryWriter
+from tensorboard.compat.proto import event_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
+from torch.utils.tensorboard.summary import scalar
 
 NOT_SCALARS = {"round", "phase", "split", "site", "time"}
 SKIP_PREFIXES = ("hist_",)  # score-histogram bins: 100 counts a row, read through the ROC of `fedmsk report`
@@ -35,32 +39,45 @@ def scalar_tags(row: dict[str, Any]) -> dict[str, float]:
 
 
 class RunBoard:
-    """Writes the recorder's rows to event files; ``flush`` after each round makes them visible."""
+    """Appends the recorder's rows to one event file per site; each round's file is closed once written.
+
+    PyTorch's ``SummaryWriter`` keeps a thread, a queue and an open file per site and cannot add
+    to an existing event file: at 200 simulated sites the writers were 16 MB of the coordinator,
+    and reopening them each round makes a new file per round whose names TensorBoard may read
+    out of order (same second). Here each site's file (``events.out.tfevents.<start>.<host>.fedmsk``,
+    TFRecord written by TensorBoard's own ``RecordWriter``) is opened for appending,
+    written and closed every round, so nothing stays open between rounds whatever the number of
+    sites, and a file read while the run goes on always ends on a whole round.
+    """
 
     def __init__(self, run_dir: Path, start: int = 0) -> None:
         self.root = run_dir / TB_DIRNAME
-        self.writers: dict[str, SummaryWriter] = {}
+        self.name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.fedmsk"
         self.done = start  # rows already written (a resumed run does not write them twice)
 
-    def _writer(self, site: str) -> SummaryWriter:
-        if site not in self.writers:
-            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", site)
-            self.writers[site] = SummaryWriter(log_dir=str(self.root / safe), flush_secs=5)
-        return self.writers[site]
+    def _path(self, site: str) -> Path:
+        return self.root / re.sub(r"[^A-Za-z0-9_.-]", "_", site) / self.name
 
     def write(self, rows: list[dict[str, Any]]) -> int:
-        """Write rows[self.done:]; returns how many scalars were written."""
-        written = 0
+        """Append rows[self.done:] to their sites' files; returns how many scalars were written."""
+        by_site: dict[str, list[event_pb2.Event]] = {}
         for row in rows[self.done:]:
-            writer = self._writer(str(row["site"]))
+            events = by_site.setdefault(str(row["site"]), [])
             for tag, value in scalar_tags(row).items():
-                writer.add_scalar(tag, value, global_step=int(row["round"]), walltime=row.get("time"))
-                written += 1
+                events.append(event_pb2.Event(wall_time=row.get("time") or time.time(), step=int(row["round"]),
+                                              summary=scalar(tag, value)))
         self.done = len(rows)
-        for writer in self.writers.values():
-            writer.flush()
-        return written
+        for site, events in by_site.items():
+            path = self._path(site)
+            new = not path.is_file()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("ab") as fh:
+                out = RecordWriter(fh)
+                if new:  # what TensorBoard expects first in an event file
+                    out.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+                for event in events:
+                    out.write(event.SerializeToString())
+        return sum(len(e) for e in by_site.values())
 
     def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
+        """Nothing stays open between writes."""

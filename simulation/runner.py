@@ -191,7 +191,9 @@ def _simulate(cfg: FedmskConfig, sites: list[Path], console: Console) -> dict:
             screener = load_screener(cfg, arrays.to_torch_state_dict())
             test = recorder.select(phase="evaluate", split="test", site="global")
             threshold = test[-1].get("threshold", 0.5) if test else 0.5  # the one chosen on validation
-            return pooled_test_metrics(screener, cfg, load_federation(cfg, sites), oracle=use_oracle, threshold=threshold)
+            # one site's data in memory at a time: the pooled test keeps only labels and scores
+            one_by_one = (entry for folder in sites for entry in load_federation(cfg, [folder]))
+            return pooled_test_metrics(screener, cfg, one_by_one, oracle=use_oracle, threshold=threshold)
 
         return run_extras({"pooled_test": pooled}, console)
 

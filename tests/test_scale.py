@@ -108,3 +108,38 @@ def _copy(reply):
     from flwr.app import Message, RecordDict
 
     return Message(content=RecordDict(dict(reply.content)), dst_node_id=0, message_type="train")
+
+
+def test_tensorboard_keeps_nothing_open_and_one_file_per_site_holds_every_round(tmp_path):
+    import threading
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from server.tensorboard import RunBoard
+
+    threads = threading.active_count()
+    board = RunBoard(tmp_path)
+    rows = []
+    for rnd in (1, 2, 3):
+        rows += [{"round": rnd, "phase": "train", "split": "", "site": f"site_{i}", "time": 1.0 + rnd, "train_loss": rnd + i / 10}
+                 for i in range(40)]
+        board.write(rows)
+        assert threading.active_count() == threads  # no writer thread a site (SummaryWriter had one)
+    for i in (0, 39):
+        folder = tmp_path / "tensorboard" / f"site_{i}"
+        assert len(list(folder.iterdir())) == 1  # appended to, not a new file a round
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        assert [(e.step, round(e.value, 4)) for e in acc.Scalars("train/train_loss")] == [(r, round(r + i / 10, 4)) for r in (1, 2, 3)]
+
+
+def test_the_recorder_keeps_histogram_bins_in_the_file_not_in_memory(tmp_path):
+    import json
+
+    from server.report import RunRecorder
+
+    rec = RunRecorder(tmp_path, compose(["num_sites=2"]))
+    rec.metrics(1, "evaluate", "site_a", {"auc": 0.7, "num-examples": 9, "hist_neg_00": 3, "hist_pos_00": 1}, split="val")
+    assert rec.rows[0]["auc"] == 0.7 and not any(k.startswith("hist_") for k in rec.rows[0])
+    on_disk = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert on_disk["hist_neg_00"] == 3 and on_disk["hist_pos_00"] == 1  # the ROC of `fedmsk report` reads them there

@@ -70,7 +70,7 @@ def test_poisoned_updates_are_rejected_with_the_reason(poison, reason):
 
 import json  # noqa: E402
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message  # noqa: E402
 from flwr.common.serde import recorddict_to_proto  # noqa: E402
 
 from server.federation import run_federation  # noqa: E402
