@@ -7,7 +7,9 @@ ServerApp/ClientApp, no Ray start-up), then, for random init and for the pretrai
 scikit-learn logistic regression on the frozen ``image_only`` embeddings (``z_image``) of every site's
 labelled training patients and scores it on all sites' test patients pooled (researcher-side, exact
 AUC). "spread" is the mean per-dimension SD of the L2-normalised test embeddings x sqrt(dim): near 0
-means every patient sits at one point (collapse). One JSON line per run is appended to
+means every patient sits at one point (collapse), but a large offset common to every patient also
+shrinks it; "effective_rank" (exp of the entropy of the centred embeddings' singular-value shares,
+Roy & Vetterli 2007) counts the directions the patients differ along: near 1, dimensional collapse. One JSON line per run is appended to
 bench/results/bench_pretrain_probe.jsonl. The fine-tuning table at 10/25/100 % labels is
 bench/bench_pretrain.py's.
 """
@@ -67,7 +69,10 @@ def main(argv: list[str]) -> dict:
         probe = LogisticRegression(max_iter=2000).fit((x_train - mean) / sd, y_train)
         auc = roc_auc_score(y_test, probe.predict_proba((x_test - mean) / sd)[:, 1])
         unit = x_test / np.linalg.norm(x_test, axis=1, keepdims=True)
-        result[name] = {"probe_auc": round(float(auc), 3), "spread": round(float(unit.std(0).mean() * np.sqrt(unit.shape[1])), 3)}
+        power = np.linalg.svd(x_test - x_test.mean(0), compute_uv=False) ** 2
+        share = power / power.sum()
+        result[name] = {"probe_auc": round(float(auc), 3), "spread": round(float(unit.std(0).mean() * np.sqrt(unit.shape[1])), 3),
+                        "effective_rank": round(float(np.exp(-(share * np.log(share + 1e-12)).sum())), 2)}
     card = json.loads((weights.parent / "encoder_card.json").read_text())
     result |= {"sites": card["sites"], "val_loss_by_round": card["val_loss_by_round"]}
     results = ROOT / "bench" / "results"

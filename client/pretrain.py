@@ -132,7 +132,11 @@ def public_bank(cfg: FedmskConfig, data_dir: str) -> torch.Tensor:
         raise ConfigError(f"config 'pretrain.bank_root' = {root}: no usable image in its site folders; "
                           f"run `fedmsk check` on them")
     pick = np.random.default_rng(p.bank_seed).permutation(len(images))[: p.bank_size]
-    return torch.from_numpy(np.ascontiguousarray(images[np.sort(pick)]))
+    # each public image as one augmented view (TwoViews' augmentations, public seed): the patient's two views are
+    # compared with views, so the positive is not less alike than a negative from the first step (with clean
+    # negatives it was, and collapsing the projection then lowered the loss to log(K + 1))
+    augment = TwoViews(cfg.task, p.bank_seed).augment
+    return torch.stack([augment(torch.from_numpy(images[i])) for i in np.sort(pick)])
 
 
 def _synthetic_bank(cfg: FedmskConfig, site_dir: Path) -> Path:

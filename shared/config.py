@@ -242,9 +242,9 @@ class PretrainConfig:
     """
 
     objective: str = "none"  # none (supervised training) | ssl (two views of one image) | crossmodal (image <-> clinical)
-    # ssl: public (the views against the encoder's own embeddings of public images: does not collapse) |
-    # simsiam (predictor + stop-gradient) | bank (the views against fixed random vectors)
-    ssl_loss: str = "public"
+    # ssl: simsiam (predictor + stop-gradient) | public (the views against the encoder's own embeddings of public
+    # images) | bank (the views against fixed random vectors)
+    ssl_loss: str = "simsiam"
     negatives: str = "bank"  # crossmodal: bank (fixed non-private, DP-safe) | batch (in-batch CLIP; refused under DP)
     # under DP: the most this pretraining run may spend at a site on its own (null: what is left of the site's
     # budget, as any run, leaving none for fine-tuning); the site's budget caps the total either way

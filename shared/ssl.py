@@ -15,28 +15,31 @@ patient alone. A loss whose negatives are the other patients of the batch (SimCL
 layer with batch statistics (BatchNorm), makes patient i's gradient move when patient j changes,
 so clipping i bounds nothing about j. The objectives below avoid both:
 
-- ``ssl`` / ``public`` (the default; MoCo-style, He et al. 2020, with a public queue): two augmented
-  views of one image are each other's positive in an InfoNCE whose negatives are the current
-  encoder's embeddings of ``pretrain.bank_size`` *public* images (``client.pretrain.public_bank``:
-  a folder of public sites, or the task's own synthetic generator at a public seed), computed
-  without gradient at every forward pass. Why per-sample: patient i's loss reads i's two views,
-  the weights and the public images, nothing else; the bank's embeddings are a function of the
-  weights (the same for every patient of a step) and of public data, and being detached they
-  add no path from one patient's gradient to another's (tested: replacing one patient of a batch
-  leaves the others' per-sample gradients unchanged). Why it does not collapse: an encoder that
-  maps everything to one point maps the public images there too, so the positive is no closer
-  than any negative and the loss sits at its maximum, log(bank_size + 1); the only way down is
-  to tell each patient's views apart from the public images (uniformity against public data, in
-  place of SimCLR's in-batch uniformity). Its limit: negatives as unlike the hospital's images
-  as synthetic ones may be easy to tell apart, so the bank should resemble the sites' images.
 - ``ssl`` / ``simsiam`` (Chen & He 2021): two augmented views of one image, a predictor and a
   stop-gradient; the loss of patient i is the negative cosine between i's own two views, with
-  no negatives at all. Collapse is avoided by the predictor + stop-gradient asymmetry, not by
-  batch statistics: the encoders use GroupNorm/LayerNorm and the heads LayerNorm (per sample),
-  as in BYOL's "works without batch statistics" variant (Richemond et al. 2020).
+  no negatives at all. Collapse is meant to be avoided by the predictor + stop-gradient
+  asymmetry, not by batch statistics: the encoders use GroupNorm/LayerNorm and the heads
+  LayerNorm (per sample), as in BYOL's "works without batch statistics" variant (Richemond et al.
+  2020). Measured here it is not (below); it is the default because its encoders probe best.
 - ``ssl`` / ``bank``: the two views as each other's positive against ``BANK_SIZE`` fixed random
   unit vectors (no patient data, the same at every site): an InfoNCE whose negatives are public
   but not images, so a point far from every vector beats them (collapses, as SimSiam did).
+- ``ssl`` / ``public`` (MoCo-style, He et al. 2020, with a public queue): the two views are each
+  other's positive in an InfoNCE whose negatives are the current encoder's embeddings of
+  ``pretrain.bank_size`` *public* images (``client.pretrain.public_bank``: a folder of public
+  sites, or the task's own synthetic generator at a public seed, each image one augmented view),
+  computed without gradient at every forward pass and centred on the bank's own mean (public
+  statistics in place of a batch's). Why per-sample: patient i's loss reads i's two views, the
+  weights and the public images, nothing else; the bank's embeddings and their mean are functions
+  of the weights (the same for every patient of a step) and of public data, and being detached
+  they open no path from one patient's gradient to another's (tested: replacing one patient of a
+  batch leaves the others' per-sample gradients unchanged). A collapsed encoder scores log(K + 1),
+  chance level, so collapse is no optimum of this loss as it is of SimSiam's. Measured, it did
+  not help: its loss barely fell, and its encoders' embeddings still spanned ~2 effective
+  directions (as SimSiam's do; 11 at random init), because with detached negatives the encoder can
+  push a patient's views away from the public images but never the public images apart (that
+  gradient would mix the bank into every patient's clipped gradient). Kept as an option, not the
+  default.
 - ``crossmodal`` / ``bank``: the patient's image and clinical embeddings as positives, against
   that bank.
 - ``crossmodal`` / ``batch``: CLIP's in-batch InfoNCE. Stronger negatives, but batch-coupled
@@ -50,7 +53,10 @@ embeddings from 0.14 (random init) to under 0.01 (README "Federated pretraining"
 adds ``pretrain.recon_weight`` x a per-sample reconstruction: a linear decoder maps each encoder's
 embedding back to its own input, coarsely (the image average-pooled to ``RECON_GRID`` per axis; the
 clinical vector), which a collapsed embedding cannot do. It reads only that patient's input, so the
-objective stays per-sample.
+objective stays per-sample. It keeps the embeddings informative (a linear probe of SimSiam's beats
+random features) but not spread: what prevents dimensional collapse without batch coupling (e.g. a
+VICReg variance term on the public bank's embeddings, whose gradient is public and would be added
+outside DP-SGD's clipping) is not built.
 """
 
 from __future__ import annotations
@@ -193,7 +199,7 @@ class PretrainNet(nn.Module):
             raise RuntimeError("pretrain.ssl_loss=public needs its public image bank (client.pretrain.attach_bank) before "
                                "a forward pass; the site loads it from pretrain.bank_root or the task's synthetic generator")
         with torch.no_grad():
-            return F.normalize(self.projector(self.image(self._encoder_input(self.bank_images.to(device)))[0]), dim=-1)
+            return self.projector(self.image(self._encoder_input(self.bank_images.to(device)))[0])
 
     def _encoder_input(self, image: torch.Tensor) -> torch.Tensor:
         """The image channel, zero-padded to the encoder's input channels (see ``in_channels``)."""
@@ -264,8 +270,10 @@ class PretrainLoss(nn.Module):
             return empty_batch_loss({k: v for k, v in outputs.items() if k != "bank"}), {"loss": 0.0}
         if self.objective == "ssl":
             if self.ssl_loss == "public":  # the views against the public images' embeddings (detached, per step)
-                loss = _contrast(F.normalize(outputs["z1"], dim=-1), F.normalize(outputs["z2"], dim=-1), outputs["bank"],
-                                 self.temperature)
+                bank = outputs["bank"]
+                mean, sd = bank.mean(dim=0), 1.0  # the public images' mean, not the batch's
+                z1, z2, bank = (F.normalize((z - mean) / sd, dim=-1) for z in (outputs["z1"], outputs["z2"], bank))
+                loss = _contrast(z1, z2, bank, self.temperature)
             elif self.bank is not None:
                 loss = self.bank.contrast(F.normalize(outputs["z1"], dim=-1), F.normalize(outputs["z2"], dim=-1))
             else:  # symmetric SimSiam: each view's prediction against the other view, stop-gradient on the target

@@ -32,7 +32,7 @@ TINY = SMALL + ["num_sites=2", "synth.patients_per_site=[36,34]", "synth.image_s
                 "federation.local_epochs=1", "rounds=1", "federation.batch_size=8"]
 DP = ["privacy=eps8", "privacy.accountant=rdp", "privacy.batch_size=8"]
 UNLABELLED = 6  # patients per site whose label is blanked in clinical.csv
-OBJECTIVES_DP = {"ssl": ["pretrain=ssl"], "ssl_simsiam": ["pretrain=ssl", "pretrain.ssl_loss=simsiam"],
+OBJECTIVES_DP = {"ssl": ["pretrain=ssl"], "ssl_public": ["pretrain=ssl", "pretrain.ssl_loss=public"],
                  "ssl_bank": ["pretrain=ssl", "pretrain.ssl_loss=bank"], "crossmodal": ["pretrain=crossmodal"]}
 
 
@@ -107,14 +107,14 @@ def test_each_dp_objective_is_per_sample(objective: str) -> None:
     assert others < 1e-6  # nobody else's moved: DP-SGD's per-patient clipping bounds each patient
 
 
-def test_the_public_bank_objective_scores_collapse_at_its_worst() -> None:
-    """An encoder that maps every image to one point maps the public images there too: the loss is log(K + 1), the
-    most it can be; the same encoder before collapsing, whose patient's views agree more with each other than with
-    the public images, scores lower. So the objective's way down leads away from collapse (SimSiam's does not)."""
+def test_the_public_bank_objective_scores_collapse_at_chance() -> None:
+    """An encoder that maps every image to one point maps the public images there too: the loss is log(K + 1), chance
+    level; the same encoder before collapsing, whose patient's views agree more with each other than with the public
+    images, scores lower. So collapse is no optimum of the public-bank loss (SimSiam's optimum includes it)."""
     g = torch.Generator().manual_seed(2)
     view = torch.rand(4, 1, 16, 16, generator=g)
     image = torch.cat([view, view], dim=1)  # two identical views: the positive pair agrees fully
-    screener = build_screener(compose(SMALL + ["pretrain=ssl", "pretrain.recon_weight=0"])).eval()
+    screener = build_screener(compose(SMALL + OBJECTIVES_DP["ssl_public"] + ["pretrain.recon_weight=0"])).eval()
     screener.net.set_bank(torch.rand(6, 1, 16, 16, generator=g))
     with torch.no_grad():
         spread, _ = screener.criterion(screener(image, torch.zeros(4, 5)), torch.full((4,), -1))
@@ -125,7 +125,7 @@ def test_the_public_bank_objective_scores_collapse_at_its_worst() -> None:
 
 
 def test_a_forward_without_the_public_bank_is_refused() -> None:
-    screener = build_screener(compose(SMALL + ["pretrain=ssl"]))
+    screener = build_screener(compose(SMALL + OBJECTIVES_DP["ssl_public"]))
     with pytest.raises(RuntimeError, match="public image bank"):
         screener(torch.rand(2, 2, 16, 16), torch.zeros(2, 5))
 
@@ -168,12 +168,13 @@ def test_pretraining_uses_the_unlabelled_patients_supervised_training_ignores(si
 # ---------------------------------------------------------------------------- the verb
 @pytest.fixture(scope="module")
 def dp_pretrained(sites: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Both DP-safe families pretrained under DP on the same sites (one ledger each site)."""
+    """Both DP-safe families pretrained under DP on the same sites (one ledger each site); ssl with the public image
+    bank (drawn by the synthetic generator into each site's cache)."""
     base = tmp_path_factory.mktemp("dp_pretrained")
     root = _copy(sites, base / "sites")
     out = {}
-    for name in ("ssl", "crossmodal"):
-        cfg = compose(TINY + OBJECTIVES_DP[name] + DP + [f"data_root={root}", f"run_dir={base / name}", "rounds=2"])
+    for name, objective in (("ssl", "ssl_public"), ("crossmodal", "crossmodal")):
+        cfg = compose(TINY + OBJECTIVES_DP[objective] + DP + [f"data_root={root}", f"run_dir={base / name}", "rounds=2"])
         out[name] = run_federated_pretrain(cfg, grid=InProcessGrid(_nodes()))
     out["root"] = root
     return out
