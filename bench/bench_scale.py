@@ -77,7 +77,7 @@ def base_overrides(n_sites: int, rounds: int, root: Path, image_size: int) -> li
             "synth.patients_per_site=[40]", "synth.prevalence=[0.3]", "synth.missing_rate=[0.05]", f"data_root={root}"]
 
 
-def run_one(n_sites: int, rounds: int, out: Path, image_size: int, interval: float) -> dict:
+def run_one(n_sites: int, rounds: int, out: Path, image_size: int, interval: float, extra: list[str] = ()) -> dict:
     from shared.config import compose
     from simulation.synth import write_federation
 
@@ -88,7 +88,7 @@ def run_one(n_sites: int, rounds: int, out: Path, image_size: int, interval: flo
         write_federation(compose(over))
         print(f"  wrote {n_sites} sites in {time.perf_counter() - t0:.0f} s", flush=True)
     run_dir = out / "runs" / f"sites{n_sites}-rounds{rounds}"
-    cmd = [FEDMSK, "simulate", *over, f"run_dir={run_dir}"]
+    cmd = [FEDMSK, "simulate", *over, *extra, f"run_dir={run_dir}"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env=os.environ | {"OMP_NUM_THREADS": "1", "COLUMNS": "200"})
@@ -146,17 +146,18 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
     ap.add_argument("--out", default="runs/bench-scale")
     ap.add_argument("--json", default="scale.json", help="file name under bench/results/")
+    ap.add_argument("overrides", nargs="*", help="more config overrides for every run (e.g. federation.site_cache_mb=0)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     result: dict = {"machine": f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-                    "image_size": args.image_size, "scale": [], "leak": None}
+                    "image_size": args.image_size, "overrides": args.overrides, "scale": [], "leak": None}
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after every run: a long benchmark cut short keeps what it measured
         (RESULTS / args.json).write_text(json.dumps(result, indent=2))
 
     for n in args.sites:
-        r = run_one(n, args.rounds, out, args.image_size, args.interval)
+        r = run_one(n, args.rounds, out, args.image_size, args.interval, args.overrides)
         result["scale"].append(r)
         base = result["scale"][0]["peak_mb"]
         print(f"{n} sites x {args.rounds} rounds: {r['seconds']:.0f} s, peak {r['peak_mb']:.0f} MB "
@@ -164,7 +165,7 @@ def main() -> None:
               + ", ".join(f"{k} peak {v:.0f} MB" for k, v in r["component_peak_mb"].items()), flush=True)
         save()
     if args.leak_rounds:
-        r = run_one(args.leak_sites, args.leak_rounds, out, args.image_size, args.interval)
+        r = run_one(args.leak_sites, args.leak_rounds, out, args.image_size, args.interval, args.overrides)
         by_round = {x["round"]: x for x in r["per_round"]}
         r["growth_end_mb"] = by_round[args.leak_rounds]["end_mb"] / by_round[2]["end_mb"] - 1
         r["growth_peak_mb"] = by_round[args.leak_rounds]["peak_mb"] / by_round[2]["peak_mb"] - 1

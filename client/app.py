@@ -52,7 +52,7 @@ def _job(job_yaml: str) -> FedmskConfig:
     return from_yaml(job_yaml, origin="run config sent by the server")
 
 
-SITE_CACHE = ByteBoundedCache(64 << 20)  # resized to each job's federation.site_cache_mb
+SITE_CACHE = ByteBoundedCache(8 << 20)  # resized to each job's federation.site_cache_mb
 
 
 def _site_datasets(data_dir: str, task_yaml: str, seed: int, private: bool):
