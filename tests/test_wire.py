@@ -165,3 +165,19 @@ def test_the_site_refuses_a_missing_or_stale_copy_and_hands_the_named_one_to_the
     assert not model_cache_mod(_msg(RecordDict({"arrays": arrays} | ref)), ctx, handler).has_error()  # kept
     assert not model_cache_mod(_msg(RecordDict(dict(ref))), ctx, handler).has_error()
     assert len(seen) == 2 and all(torch.equal(s["w"], torch.ones(3, 2)) for s in seen)
+
+
+def test_a_message_sent_without_arrays_is_still_answered_packed():
+    """A train message whose model the site holds carries no arrays; its reply (the update) must
+    still go back as one packed array (shared.packing), not one Flower object per tensor."""
+    from shared.packing import PACKED, is_packed, pack_content, packed_arrays_mod
+
+    sent = pack_content(RecordDict({CONFIG: ConfigRecord({"server-round": 2})}))
+    assert is_packed(sent)
+
+    def handler(msg, ctx):
+        return Message(RecordDict({"arrays": ArrayRecord(_state())}), reply_to=msg)
+
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = packed_arrays_mod(_msg(sent), ctx, handler)
+    assert list(reply.content["arrays"]) == [PACKED]
