@@ -1,6 +1,6 @@
 """Label efficiency of pretraining: sarcopenia AUC at 10 %, 25 % and 100 % of each site's labels, from
-random init vs federated self-supervised (`fedmsk pretrain`, pretrain=ssl: SimSiam; ssl-public: the views against
-the public image bank) vs federated cross-modal
+random init vs federated self-supervised (`fedmsk pretrain`, pretrain=ssl: SimSiam + the public bank's variance term;
+ssl-simsiam: SimSiam alone; ssl-public: the views against the public image bank) vs federated cross-modal
 (pretrain=crossmodal) vs public (`fedmsk pretrain-public`) encoders, fine-tuned whole
 (``model.finetune=all``) or as a linear probe of the frozen encoders (``model.finetune=heads``),
 without DP and under the eps 8 preset, over seeds.
@@ -53,9 +53,11 @@ MODEL = ["model=mmcl", "model.aux_loss=prototype"]  # the DP presets' aux loss i
 PRESETS = {None: [], 8.0: ["privacy=eps8"]}
 PRETRAIN_DP = ["privacy=eps4"]  # a DP fine-tuning cell's encoder was pretrained on the same patients under eps 4
 PRETRAIN_ROUNDS = ["rounds=3"]
-# federated arms -> the pretraining objective: ssl is the default per-sample form (SimSiam), ssl-public the views
+# federated arms -> the pretraining objective: ssl is the default per-sample form (SimSiam + the public bank's
+# VICReg variance term, pretrain.public_variance), ssl-simsiam SimSiam alone (which collapses), ssl-public the views
 # against the public image bank (shared.ssl)
-OBJECTIVES = {"ssl": ["pretrain=ssl"], "ssl-public": ["pretrain=ssl", "pretrain.ssl_loss=public"],
+OBJECTIVES = {"ssl": ["pretrain=ssl"], "ssl-simsiam": ["pretrain=ssl", "pretrain.public_variance=0"],
+              "ssl-public": ["pretrain=ssl", "pretrain.ssl_loss=public", "pretrain.public_variance=0"],
               "crossmodal": ["pretrain=crossmodal"]}
 
 
@@ -203,7 +205,7 @@ def table(cells: list[dict]) -> str:
     head = " | ".join(f"{f:.0%} labels" for f in fractions)
     lines = [f"| init | trained | DP | {head} | 10 % / full-label ref. | seeds | eps (pretrain + fine-tune, max) |",
              "|---|---|---|" + "---|" * len(fractions) + "---|---|---|"]
-    order = {"random": 0, "public": 1, "ssl": 2, "ssl-public": 3, "crossmodal": 4}
+    order = {"random": 0, "public": 1, "ssl": 2, "ssl-simsiam": 3, "ssl-public": 4, "crossmodal": 5}
     rows = sorted({k[:3] for k in groups}, key=lambda k: (k[2] is not None, order.get(k[0], 9), k[1]))
     for arm, finetune, eps in rows:
         cols = [_mean_sd([c["test_auc"] for c in groups[(arm, finetune, eps, f)]]) if (arm, finetune, eps, f) in groups else "-"

@@ -191,3 +191,43 @@ def run_spend(privacy: SitePrivacy, run_id: str) -> float:
     """
     steps = [(r.noise_multiplier, r.sample_rate, r.steps) for r in privacy.ledger.rounds if r.run_id == run_id]
     return epsilon_of(steps, privacy.policy.delta, privacy.policy.accountant)
+
+
+class PublicVariance:
+    """``pretrain.public_variance``: the VICReg variance/covariance gradient of the public bank's embeddings,
+    added to the update after DP-SGD has clipped and noised the patients' gradients (as client.proximal).
+
+    Why outside the clipping: the term reads the weights and public images only, so it is not any
+    patient's gradient; inside the loss it would enter every per-sample gradient, be clipped with it,
+    and (worse) its forward pass over K public images would be recorded by Opacus' hooks as if they
+    were patients. Added to the noisy gradient it costs no privacy (a function of the current weights,
+    already a DP release, and of public data: post-processing). Why it is needed: without batch
+    statistics nothing in SimSiam or a detached bank pushes embeddings apart, and they collapsed to
+    ~2 effective directions (bench/bench_pretrain_probe.py); this term spreads the public images'
+    embeddings, and the encoder the hospitals' images with them.
+    """
+
+    def __init__(self, screener: torch.nn.Module, weight: float) -> None:
+        self.net, self.weight = screener.net, float(weight)
+        self.params = [p for p in screener.parameters() if p.requires_grad]
+
+    def add_gradient(self, module: torch.nn.Module) -> None:
+        hooked = hasattr(module, "disable_hooks")  # Opacus' GradSampleModule: these are no patients' activations
+        if hooked:
+            module.disable_hooks()
+        try:
+            with torch.enable_grad():
+                loss = self.weight * self.net.public_variance_loss()
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        finally:
+            if hooked:
+                module.enable_hooks()
+        with torch.no_grad():
+            for p, g in zip(self.params, grads):
+                if g is not None:
+                    p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+
+    def attach(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module):
+        """Before every real update of ``optimizer`` (Opacus': its inner optimizer, after clipping and noise)."""
+        inner = getattr(optimizer, "original_optimizer", optimizer)
+        return inner.register_step_pre_hook(lambda opt, args, kwargs: self.add_gradient(module))

@@ -136,6 +136,10 @@ def train_local(
         module, optimizer, loader = privacy.make_private(screener, optimizer, loader)
     if proximal is not None:
         proximal.attach(optimizer)  # after DP clipping and noise: the term holds no patient data
+    if getattr(screener.net, "public_variance", 0.0) > 0:  # a pretraining job's public-bank term, likewise
+        from client.pretrain import PublicVariance
+
+        PublicVariance(screener, screener.net.public_variance).attach(optimizer, module)
     total_loss, total_correct, total_seen, steps = 0.0, 0, 0, 0
     for _ in range(epochs or fed.local_epochs):
         for batch in loader:

@@ -259,6 +259,9 @@ class PretrainConfig:
     bank_root: str | None = None
     bank_size: int = 64  # public images in the bank
     bank_seed: int = 50  # the synthetic bank's generator seed (public, the same at every site)
+    # weight of a VICReg variance + covariance term on the encoder's embeddings of the public bank: a public
+    # gradient added after DP-SGD's clipping and noise (client.pretrain.PublicVariance); 0: off
+    public_variance: float = 0.0
 
 
 @dataclass

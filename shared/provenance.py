@@ -57,7 +57,7 @@ def write_pretrained(cfg: Any, run_dir: Path, state: dict[str, Any], rows: list[
     import torch
 
     from shared.atomic import atomic_write_bytes, atomic_write_text
-    from shared.ssl import objective_label
+    from shared.ssl import objective_label, uses_image_bank
 
     keep = ("image",) if cfg.pretrain.objective == "ssl" else ("image", "clinical")
     encoders = {k.removeprefix("net."): v.detach().cpu() for k, v in state.items() if k.split(".")[:2][-1] in keep
@@ -91,8 +91,9 @@ def write_pretrained(cfg: Any, run_dir: Path, state: dict[str, Any], rows: list[
         "objective": p.objective,
         "objective_label": objective_label(cfg),
         "loss": p.ssl_loss if p.objective == "ssl" else f"infonce, negatives={p.negatives}",
-        "public_bank": ({"images": p.bank_size, "source": p.bank_root or f"synthetic: the task's generator at seed {p.bank_seed}"}
-                        if p.objective == "ssl" and p.ssl_loss == "public" else None),  # the negatives' public images
+        "public_bank": ({"images": p.bank_size, "source": p.bank_root or f"synthetic: the task's generator at seed {p.bank_seed}",
+                         "negatives": p.objective == "ssl" and p.ssl_loss == "public", "public_variance": p.public_variance}
+                        if uses_image_bank(cfg) else None),  # the public images the objective embeds
         "encoders": sorted({k.split(".", 1)[0] for k in encoders}),
         "data": "private: each site's own patients (labelled or not, never its validation or test patients), "
                 "federated with FedAvg; no data left a site",

@@ -84,8 +84,20 @@ def objective_label(cfg: FedmskConfig) -> str:
 
 
 def uses_image_bank(cfg: FedmskConfig) -> bool:
-    """Whether the objective's negatives are the encoder's embeddings of public images (``ssl_loss=public``)."""
-    return cfg.pretrain.objective == "ssl" and cfg.pretrain.ssl_loss == "public"
+    """Whether the job embeds public images: as negatives (``ssl_loss=public``) or for ``public_variance``."""
+    p = cfg.pretrain
+    return p.objective != "none" and ((p.objective == "ssl" and p.ssl_loss == "public") or p.public_variance > 0)
+
+
+def vicreg_variance(z: torch.Tensor, cov_weight: float = 1.0) -> torch.Tensor:
+    """VICReg's variance and covariance terms (Bardes, Ponce, LeCun 2022) over the rows of ``z`` [K, D]: a hinge
+    keeping every dimension's SD at >= 1 plus the squared off-diagonal covariances / D. Applied to the public
+    bank's embeddings only, it reads no patient."""
+    z = z - z.mean(dim=0)
+    std = torch.sqrt(z.var(dim=0) + 1e-4)
+    cov = (z.t() @ z) / max(z.shape[0] - 1, 1)
+    off = cov - torch.diag(torch.diag(cov))
+    return F.relu(1.0 - std).mean() + cov_weight * off.pow(2).sum() / z.shape[1]
 
 
 def couples_batch(cfg: FedmskConfig) -> bool:
@@ -112,8 +124,10 @@ def _check_pretrain(cfg: FedmskConfig) -> None:
     if cfg.model.finetune != "all":
         raise ConfigError(f"config 'model.finetune={cfg.model.finetune}' with pretrain.objective={cfg.pretrain.objective}: "
                           f"pretraining trains the encoders, which finetune={cfg.model.finetune} freezes; use model.finetune=all")
-    if cfg.pretrain.bank_size < 1:
-        raise ConfigError(f"config 'pretrain.bank_size' is {cfg.pretrain.bank_size}; the public bank needs at least 1 image")
+    if cfg.pretrain.public_variance < 0:
+        raise ConfigError(f"config 'pretrain.public_variance' is {cfg.pretrain.public_variance}; use 0 (off) or a weight > 0")
+    if cfg.pretrain.bank_size < 2 and uses_image_bank(cfg):
+        raise ConfigError(f"config 'pretrain.bank_size' is {cfg.pretrain.bank_size}; the public bank needs at least 2 images")
     if cfg.pretrain.proj_dim < 1 or cfg.pretrain.temperature <= 0 or cfg.pretrain.recon_weight < 0:
         raise ConfigError("config 'pretrain': proj_dim must be >= 1, temperature > 0 and recon_weight >= 0")
     if cfg.pretrain.epsilon is not None and cfg.pretrain.epsilon <= 0:
@@ -180,6 +194,8 @@ class PretrainNet(nn.Module):
         # ssl_loss=public: the public images [K, C, *size] (set_bank; a plain attribute, not a buffer: never
         # averaged, checkpointed or sent, every site holds the same ones)
         self.uses_image_bank = uses_image_bank(cfg)
+        self.bank_negatives = p.objective == "ssl" and p.ssl_loss == "public"
+        self.public_variance = p.public_variance  # client.trainer adds this term's (public) gradient after DP noise
         self.bank_images: torch.Tensor | None = None
         n_pixels = IMAGE_CHANNELS * math.prod(self.recon_size)
         self.image_decoder = nn.Linear(embed, n_pixels) if p.recon_weight > 0 else None
@@ -200,6 +216,16 @@ class PretrainNet(nn.Module):
                                "a forward pass; the site loads it from pretrain.bank_root or the task's synthetic generator")
         with torch.no_grad():
             return self.projector(self.image(self._encoder_input(self.bank_images.to(device)))[0])
+
+    def public_variance_loss(self) -> torch.Tensor:
+        """VICReg variance + covariance of the public images' image embeddings (the encoder's output, what a task
+        model fine-tunes on) and of their projections, with gradient: a function of the weights and public data
+        only, so its gradient is public (``client.pretrain.PublicVariance`` adds it outside DP-SGD's clipping)."""
+        if self.bank_images is None:
+            raise RuntimeError("pretrain.public_variance needs the public image bank (client.pretrain.attach_bank)")
+        h = self.image(self._encoder_input(self.bank_images.to(next(self.parameters()).device)))[0]
+        head = self.projector if self.objective == "ssl" else self.image_proj
+        return vicreg_variance(h) + vicreg_variance(head(h))
 
     def _encoder_input(self, image: torch.Tensor) -> torch.Tensor:
         """The image channel, zero-padded to the encoder's input channels (see ``in_channels``)."""
@@ -223,7 +249,7 @@ class PretrainNet(nn.Module):
             h = [self.image(self._encoder_input(v))[0] for v in views]
             z = [self.projector(e) for e in h]
             out |= {"z1": z[0], "z2": z[1]}
-            if self.uses_image_bank:
+            if self.bank_negatives:
                 out["bank"] = self._bank_embeddings(image.device)
             if self.predictor is not None:
                 out |= {"p1": self.predictor(z[0]), "p2": self.predictor(z[1])}

@@ -32,7 +32,8 @@ TINY = SMALL + ["num_sites=2", "synth.patients_per_site=[36,34]", "synth.image_s
                 "federation.local_epochs=1", "rounds=1", "federation.batch_size=8"]
 DP = ["privacy=eps8", "privacy.accountant=rdp", "privacy.batch_size=8"]
 UNLABELLED = 6  # patients per site whose label is blanked in clinical.csv
-OBJECTIVES_DP = {"ssl": ["pretrain=ssl"], "ssl_public": ["pretrain=ssl", "pretrain.ssl_loss=public"],
+OBJECTIVES_DP = {"ssl": ["pretrain=ssl"], "ssl_simsiam": ["pretrain=ssl", "pretrain.public_variance=0"],
+                 "ssl_public": ["pretrain=ssl", "pretrain.ssl_loss=public", "pretrain.public_variance=0"],
                  "ssl_bank": ["pretrain=ssl", "pretrain.ssl_loss=bank"], "crossmodal": ["pretrain=crossmodal"]}
 
 
@@ -124,6 +125,33 @@ def test_the_public_bank_objective_scores_collapse_at_chance() -> None:
     assert float(spread) < float(collapsed) - 0.1
 
 
+def test_the_public_variance_gradient_is_added_outside_the_clipped_per_sample_gradients() -> None:
+    """pretrain.public_variance: the VICReg term of the public bank's embeddings adds exactly its own gradient to the
+    update and leaves Opacus' per-sample gradients (what DP-SGD clips and noises) as the patients' loss made them:
+    its K public images never count as patients, and no patient's gradient carries it."""
+    from client.pretrain import PublicVariance
+
+    cfg = compose(SMALL + ["pretrain=ssl", "pretrain.public_variance=0.5"])
+    screener = build_screener(cfg)
+    screener.train()
+    g = torch.Generator().manual_seed(5)
+    screener.net.set_bank(torch.rand(6, 1, 16, 16, generator=g))
+    params = [p for p in screener.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(0.5 * screener.net.public_variance_loss(), params, allow_unused=True)
+    gsm = GradSampleModule(screener)
+    torch.manual_seed(0)
+    loss, _ = screener.criterion(gsm(torch.rand(4, 2, 16, 16, generator=g), torch.zeros(4, 5)), torch.full((4,), -1))
+    loss.backward()
+    samples = [p.grad_sample.clone() for p in params]
+    grads = [p.grad.clone() for p in params]
+    PublicVariance(screener, 0.5).add_gradient(gsm)
+    assert all(torch.equal(p.grad_sample, s) for p, s in zip(params, samples))  # the clipped quantity is untouched
+    added = [p.grad - before for p, before in zip(params, grads)]
+    assert all(torch.allclose(a, e if e is not None else torch.zeros_like(a), atol=1e-6) for a, e in zip(added, expected))
+    assert any(e is not None and e.abs().max() > 1e-4 for e in expected)  # the term has a real gradient
+    gsm._close()
+
+
 def test_a_forward_without_the_public_bank_is_refused() -> None:
     screener = build_screener(compose(SMALL + OBJECTIVES_DP["ssl_public"]))
     with pytest.raises(RuntimeError, match="public image bank"):
@@ -168,12 +196,12 @@ def test_pretraining_uses_the_unlabelled_patients_supervised_training_ignores(si
 # ---------------------------------------------------------------------------- the verb
 @pytest.fixture(scope="module")
 def dp_pretrained(sites: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Both DP-safe families pretrained under DP on the same sites (one ledger each site); ssl with the public image
-    bank (drawn by the synthetic generator into each site's cache)."""
+    """Both DP-safe families pretrained under DP on the same sites (one ledger each site); ssl as configured by
+    default (SimSiam + the public bank's variance term, the bank drawn by the synthetic generator into each site's cache)."""
     base = tmp_path_factory.mktemp("dp_pretrained")
     root = _copy(sites, base / "sites")
     out = {}
-    for name, objective in (("ssl", "ssl_public"), ("crossmodal", "crossmodal")):
+    for name, objective in (("ssl", "ssl"), ("crossmodal", "crossmodal")):
         cfg = compose(TINY + OBJECTIVES_DP[objective] + DP + [f"data_root={root}", f"run_dir={base / name}", "rounds=2"])
         out[name] = run_federated_pretrain(cfg, grid=InProcessGrid(_nodes()))
     out["root"] = root
@@ -202,14 +230,15 @@ def test_the_weights_load_into_task_models_and_change_their_features(dp_pretrain
 def test_the_card_and_the_ledger_record_the_private_pretraining(dp_pretrained) -> None:
     card = json.loads((dp_pretrained["ssl"].parent / "encoder_card.json").read_text())
     assert card["objective"] == "ssl" and card["data"].startswith("private") and card["rounds"] == 2
-    assert card["public_bank"] == {"images": 64, "source": "synthetic: the task's generator at seed 50"}
+    assert card["public_bank"] == {"images": 64, "source": "synthetic: the task's generator at seed 50", "negatives": False,
+                                   "public_variance": 0.1}
     assert set(card["sites"]) == {"site_a", "site_b"} and "git_commit" in card["code"]
     for s in card["sites"].values():  # pretrain.epsilon=2: this run's own share of the site's budget of 8
         assert s["dp"] and s["rounds_trained"] == 2 and 0.5 < s["epsilon"] <= 2.0 * 1.001 and s["ledger_epsilon"] >= s["epsilon"] - 1e-9
     assert [r for r, _ in card["val_loss_by_round"]] == [0, 1, 2]
     ledger = PrivacyLedger.load(dp_pretrained["root"] / "site_a")
     objectives = {plan.objective for plan in ledger.plans.values()}
-    assert objectives == {"pretrain:ssl/public", "pretrain:crossmodal/bank"}  # one plan per objective
+    assert objectives == {"pretrain:ssl/simsiam", "pretrain:crossmodal/bank"}  # one plan per objective
     runs = {run for run, plan in ledger.plans.items()}
     assert {r.run_id for r in ledger.rounds} == runs and len(ledger.rounds) == 4  # 2 rounds per objective
     report = budget_report(dp_pretrained["root"] / "site_a")  # what `fedmsk privacy` lists: epsilon per run and objective
@@ -225,7 +254,7 @@ def test_a_model_fine_tuned_from_dp_pretrained_weights_composes_the_epsilons(dp_
     recorder.finish(arrays)
     card = json.loads((tmp_path / "ft" / "model_card.json").read_text())
     comp = card["privacy_composition"]
-    assert "sequential composition" in comp["rule"] and comp["pretraining_objective"] == "pretrain:ssl/public"
+    assert "sequential composition" in comp["rule"] and comp["pretraining_objective"] == "pretrain:ssl/simsiam"
     for site in ("site_a", "site_b"):
         row = comp["sites"][site]
         ft = card["sites"][site]["epsilon"]
@@ -235,7 +264,7 @@ def test_a_model_fine_tuned_from_dp_pretrained_weights_composes_the_epsilons(dp_
 
 
 def test_composition_has_no_bound_where_a_run_had_no_dp() -> None:
-    pre = {"objective": "ssl", "objective_label": "pretrain:ssl/public",
+    pre = {"objective": "ssl", "objective_label": "pretrain:ssl/simsiam",
            "sites": {"a": {"epsilon": None, "delta": None}, "b": {"epsilon": 2.0, "delta": 1e-5}}}
     comp = compose_privacy(pre, {"a": {"epsilon": 3.0, "delta": 1e-5}, "b": {"epsilon": 3.0, "delta": 1e-5},
                                  "c": {"epsilon": 1.0, "delta": 1e-5}})
