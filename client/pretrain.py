@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from client.privacy import SitePrivacy, epsilon_of
+from client.proximal import after_noise
 from client.randomness import site_seed
 from shared.config import ConfigError, FedmskConfig, TaskConfig
 from shared.ssl import uses_image_bank
@@ -229,5 +230,4 @@ class PublicVariance:
 
     def attach(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module):
         """Before every real update of ``optimizer`` (Opacus': its inner optimizer, after clipping and noise)."""
-        inner = getattr(optimizer, "original_optimizer", optimizer)
-        return inner.register_step_pre_hook(lambda opt, args, kwargs: self.add_gradient(module))
+        return after_noise(optimizer, lambda: self.add_gradient(module))

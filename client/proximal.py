@@ -18,6 +18,8 @@ the loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.optim import Optimizer
@@ -45,7 +47,13 @@ class ProximalTerm:
             p.grad.add_(p.detach() - anchor, alpha=self.mu)
 
     def attach(self, optimizer: Optimizer):
-        """Run before every real update of ``optimizer`` (Opacus' DPOptimizer: its inner optimizer,
-        i.e. after clipping and noise). Returns the hook handle."""
-        inner = getattr(optimizer, "original_optimizer", optimizer)
-        return inner.register_step_pre_hook(lambda opt, args, kwargs: self.add_gradient())
+        """Run before every real update of ``optimizer`` (after clipping and noise). Returns the hook handle."""
+        return after_noise(optimizer, self.add_gradient)
+
+
+def after_noise(optimizer: Optimizer, add_gradient: Callable[[], None]):
+    """Call ``add_gradient`` before every real update of ``optimizer``: with Opacus' DPOptimizer, on its
+    inner optimizer, i.e. after the per-sample clipping and the noise (a gradient of the weights and
+    public data only, as the module docstring argues). Returns the hook handle."""
+    inner = getattr(optimizer, "original_optimizer", optimizer)
+    return inner.register_step_pre_hook(lambda opt, args, kwargs: add_gradient())
