@@ -50,6 +50,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # for a few dozen cells on the loaded 2-core machine
 FEDERATION = ["num_sites=3", "rounds=3", "federation.local_epochs=2", "task.image_size=[32,32]", "synth.image_size=64"]
 MODEL = ["model=mmcl", "model.aux_loss=prototype"]  # the DP presets' aux loss in every cell: one model with and without DP
+# --task: the task and its model (other tasks keep their model's own aux loss; the DP preset swaps in its per-sample one)
+TASKS = {"sarcopenia": ([], ["model=mmcl", "model.aux_loss=prototype"]),
+         "osteoporosis_chest": (["task=osteoporosis_chest"], ["model=wavelet_fusion"]),
+         "osteoporosis_hand": (["task=osteoporosis_hand"], ["model=segclass"])}
+
+
+def set_task(name: str) -> None:
+    """Point the grid at another task (its synthetic generator, its model); sarcopenia is the default."""
+    task, model = TASKS[name]
+    FEDERATION[:] = [o for o in FEDERATION if not o.startswith("task=")] + task
+    MODEL[:] = model
 PRESETS = {None: [], 8.0: ["privacy=eps8"]}
 PRETRAIN_DP = ["privacy=eps4"]  # a DP fine-tuning cell's encoder was pretrained on the same patients under eps 4
 PRETRAIN_ROUNDS = ["rounds=3"]
@@ -62,7 +73,7 @@ OBJECTIVES = {"ssl": ["pretrain=ssl"], "ssl-simsiam": ["pretrain=ssl", "pretrain
 
 
 def write_sites(root: Path, seed: int) -> Path:
-    from simulation.synth import write_federation
+    from simulation.generators import write_federation
 
     sites = root / f"sites-seed{seed}"
     if not (sites / "oracle.csv").is_file():
@@ -121,7 +132,7 @@ def public_encoder(out: Path) -> tuple[Path, float]:
     if not weights.is_file():
         public = out / "public-sites"
         if not (public / "oracle.csv").is_file():
-            from simulation.synth import write_federation
+            from simulation.generators import write_federation
 
             write_federation(compose(FEDERATION + ["num_sites=5", "seed=50", f"data_root={public}"]))
             _warm(public)
@@ -231,17 +242,20 @@ def main() -> None:
     ap.add_argument("--epsilons", default="none,8")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="runs/bench-pretrain")
-    ap.add_argument("--json", default=str(RESULTS / "bench_pretrain.json"), help="where the cells go")
+    ap.add_argument("--task", default="sarcopenia", choices=sorted(TASKS), help="the task (and its model)")
+    ap.add_argument("--json", default=None, help="where the cells go (default bench/results/bench_pretrain[_<task>].json)")
     ap.add_argument("--table-only", action="store_true", help="re-render the table from the JSON")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     console = Console()
-    path = Path(args.json)
+    set_task(args.task)
+    path = Path(args.json or RESULTS / ("bench_pretrain.json" if args.task == "sarcopenia" else f"bench_pretrain_{args.task}.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
     report = json.loads(path.read_text()) if path.exists() else {}
     report["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "threads": 1}
     report["federation"] = FEDERATION + MODEL
+    report["task"] = args.task
     if not args.table_only:
         grid(Path(args.out).resolve(), args.arms.split(","), args.finetune.split(","),
              [float(f) for f in args.fractions.split(",")], [None if e == "none" else float(e) for e in args.epsilons.split(",")],
