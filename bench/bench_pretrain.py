@@ -21,6 +21,10 @@ fine-tuned, 100 % labels, same DP setting).
 
     python bench/bench_pretrain.py [--arms random,public,ssl,crossmodal] [--finetune all,heads]
         [--fractions 0.1,0.25,1] [--epsilons none,8] [--seeds 0,1,2] [--out runs/bench-pretrain]
+        [--task sarcopenia|osteoporosis_chest|osteoporosis_hand]
+
+``--task`` writes that task's synthetic federation (simulation.generators) and trains its model (TASKS:
+wavelet_fusion for the chest task, segclass for the hand task; JSON bench/results/bench_pretrain_<task>.json).
 
 Each finished cell is appended to bench/results/bench_pretrain.json at once (a partial grid is a
 result); a rerun skips the cells already there.
@@ -50,9 +54,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # for a few dozen cells on the loaded 2-core machine
 FEDERATION = ["num_sites=3", "rounds=3", "federation.local_epochs=2", "task.image_size=[32,32]", "synth.image_size=64"]
 MODEL = ["model=mmcl", "model.aux_loss=prototype"]  # the DP presets' aux loss in every cell: one model with and without DP
-# --task: the task and its model (other tasks keep their model's own aux loss; the DP preset swaps in its per-sample one)
+# --task: the task and its model, with the DP presets' per-sample aux loss in every cell (segclass: its segmentation loss)
 TASKS = {"sarcopenia": ([], ["model=mmcl", "model.aux_loss=prototype"]),
-         "osteoporosis_chest": (["task=osteoporosis_chest"], ["model=wavelet_fusion"]),
+         "osteoporosis_chest": (["task=osteoporosis_chest"], ["model=wavelet_fusion", "model.aux_loss=prototype"]),
          "osteoporosis_hand": (["task=osteoporosis_hand"], ["model=segclass"])}
 
 
@@ -61,6 +65,8 @@ def set_task(name: str) -> None:
     task, model = TASKS[name]
     FEDERATION[:] = [o for o in FEDERATION if not o.startswith("task=")] + task
     MODEL[:] = model
+
+
 PRESETS = {None: [], 8.0: ["privacy=eps8"]}
 PRETRAIN_DP = ["privacy=eps4"]  # a DP fine-tuning cell's encoder was pretrained on the same patients under eps 4
 PRETRAIN_ROUNDS = ["rounds=3"]
