@@ -77,7 +77,8 @@ def base_overrides(n_sites: int, rounds: int, root: Path, image_size: int) -> li
             "synth.patients_per_site=[40]", "synth.prevalence=[0.3]", "synth.missing_rate=[0.05]", f"data_root={root}"]
 
 
-def run_one(n_sites: int, rounds: int, out: Path, image_size: int, interval: float, extra: list[str] = ()) -> dict:
+def run_one(n_sites: int, rounds: int, out: Path, image_size: int, interval: float, extra: list[str] = (),
+            env: dict[str, str] | None = None, trace: Path | None = None) -> dict:
     from shared.config import compose
     from simulation.synth import write_federation
 
@@ -89,11 +90,16 @@ def run_one(n_sites: int, rounds: int, out: Path, image_size: int, interval: flo
         print(f"  wrote {n_sites} sites in {time.perf_counter() - t0:.0f} s", flush=True)
     run_dir = out / "runs" / f"sites{n_sites}-rounds{rounds}"
     cmd = [FEDMSK, "simulate", *over, *extra, f"run_dir={run_dir}"]
+    run_env = os.environ | {"OMP_NUM_THREADS": "1", "COLUMNS": "200"} | (env or {})
+    if trace is not None:  # bench/memtrace/sitecustomize.py: tracemalloc diffs in the driver, per round
+        trace.mkdir(parents=True, exist_ok=True)
+        (trace / "driver.jsonl").unlink(missing_ok=True)
+        run_env |= {"FEDMSK_BENCH_TRACE": str(trace),
+                    "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "memtrace"), run_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=os.environ | {"OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=run_env)
     ps = psutil.Process(proc.pid)
-    samples: list[tuple[float, int, int]] = []
+    samples: list[tuple[float, int, int, dict[str, int]]] = []
     part_peaks: dict[str, int] = {}  # component -> its own peak
     stop = threading.Event()
 
@@ -101,7 +107,7 @@ def run_one(n_sites: int, rounds: int, out: Path, image_size: int, interval: flo
         while not stop.is_set():
             rss, count, parts = tree_rss(ps)
             if count:
-                samples.append((time.perf_counter() - t0, rss, count))
+                samples.append((time.perf_counter() - t0, rss, count, parts))
                 for name, value in parts.items():
                     part_peaks[name] = max(part_peaks.get(name, 0), value)
             stop.wait(interval)
@@ -128,10 +134,11 @@ def run_one(n_sites: int, rounds: int, out: Path, image_size: int, interval: flo
         window = [s for s in samples if prev <= s[0] <= marks[rnd]] or [min(samples, key=lambda s: abs(s[0] - marks[rnd]))]
         at_end = min(samples, key=lambda s: abs(s[0] - marks[rnd]))
         per_round.append({"round": rnd, "seconds": round(marks[rnd], 1), "peak_mb": max(s[1] for s in window) / 2**20,
-                          "end_mb": at_end[1] / 2**20, "processes": at_end[2]})
+                          "end_mb": at_end[1] / 2**20, "processes": at_end[2],
+                          "end_component_mb": {k: v / 2**20 for k, v in at_end[3].items()}})
         prev = marks[rnd]
     peak = max(samples, key=lambda s: s[1])
-    return {"sites": n_sites, "rounds": rounds, "seconds": round(seconds, 1), "peak_mb": peak[1] / 2**20,
+    return {"sites": n_sites, "rounds": rounds, "seconds": round(seconds, 1), "env": env or {}, "peak_mb": peak[1] / 2**20,
             "processes_at_peak": peak[2], "component_peak_mb": {k: v / 2**20 for k, v in part_peaks.items()},
             "per_round": per_round, "samples": len(samples)}
 
@@ -146,6 +153,10 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
     ap.add_argument("--out", default="runs/bench-scale")
     ap.add_argument("--json", default="scale.json", help="file name under bench/results/")
+    ap.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="environment for the simulate process tree (e.g. MALLOC_ARENA_MAX=2)")
+    ap.add_argument("--trace", action="store_true",
+                    help="leak run: tracemalloc diffs of the driver after every round -> <out>/trace/driver.jsonl")
     ap.add_argument("overrides", nargs="*", help="more config overrides for every run (e.g. federation.site_cache_mb=0)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
@@ -156,8 +167,10 @@ def main() -> None:
     def save() -> None:  # after every run: a long benchmark cut short keeps what it measured
         (RESULTS / args.json).write_text(json.dumps(result, indent=2))
 
+    env = dict(kv.split("=", 1) for kv in args.env)
+    result["env"] = env
     for n in args.sites:
-        r = run_one(n, args.rounds, out, args.image_size, args.interval, args.overrides)
+        r = run_one(n, args.rounds, out, args.image_size, args.interval, args.overrides, env)
         result["scale"].append(r)
         base = result["scale"][0]["peak_mb"]
         print(f"{n} sites x {args.rounds} rounds: {r['seconds']:.0f} s, peak {r['peak_mb']:.0f} MB "
@@ -165,14 +178,20 @@ def main() -> None:
               + ", ".join(f"{k} peak {v:.0f} MB" for k, v in r["component_peak_mb"].items()), flush=True)
         save()
     if args.leak_rounds:
-        r = run_one(args.leak_sites, args.leak_rounds, out, args.image_size, args.interval, args.overrides)
+        trace = out / "trace" if args.trace else None
+        r = run_one(args.leak_sites, args.leak_rounds, out, args.image_size, args.interval, args.overrides, env, trace)
         by_round = {x["round"]: x for x in r["per_round"]}
         r["growth_end_mb"] = by_round[args.leak_rounds]["end_mb"] / by_round[2]["end_mb"] - 1
         r["growth_peak_mb"] = by_round[args.leak_rounds]["peak_mb"] / by_round[2]["peak_mb"] - 1
+        r["growth_component_mb"] = {k: by_round[args.leak_rounds]["end_component_mb"][k] - v
+                                    for k, v in by_round[2]["end_component_mb"].items()}
+        if trace is not None and (trace / "driver.jsonl").is_file():
+            r["driver_trace"] = [json.loads(x) for x in (trace / "driver.jsonl").read_text().splitlines()]
         result["leak"] = r
         print(f"leak run, {args.leak_sites} sites x {args.leak_rounds} rounds: after round 2 {by_round[2]['end_mb']:.0f} MB, "
               f"after round {args.leak_rounds} {by_round[args.leak_rounds]['end_mb']:.0f} MB ({r['growth_end_mb']:+.1%}); "
-              f"peak in round 2 vs {args.leak_rounds}: {r['growth_peak_mb']:+.1%}", flush=True)
+              f"peak in round 2 vs {args.leak_rounds}: {r['growth_peak_mb']:+.1%}; round 2 -> {args.leak_rounds} per component: "
+              + ", ".join(f"{k} {v:+.1f} MB" for k, v in r["growth_component_mb"].items()), flush=True)
         save()
     if result["scale"]:
         base = result["scale"][0]
