@@ -19,6 +19,9 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(os.environ.get("FEDMSK_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+# ${fedmsk.by_dp:${privacy.enabled},A,B}: A without DP, B under DP -- a preset's value tuned separately for each
+# (configs/pretrain/ssl.yaml's public_variance); an override of the key itself replaces both
+OmegaConf.register_new_resolver("fedmsk.by_dp", lambda enabled, off, on: on if enabled else off, replace=True)
 
 
 DEFAULT_LR = 1e-3  # federation.lr when neither it nor model.lr is set

@@ -56,7 +56,8 @@ clinical vector), which a collapsed embedding cannot do. It reads only that pati
 objective stays per-sample. It keeps the embeddings informative (a linear probe of SimSiam's beats
 random features) but not spread: they span ~2 effective directions (11 at random init).
 
-Hence ``pretrain.public_variance`` (0.1 in ``configs/pretrain/ssl.yaml``): VICReg's variance and
+Hence ``pretrain.public_variance`` (``configs/pretrain/ssl.yaml``: 0.3 without DP, 1.0 under DP, each chosen on
+tuning federations by bench/bench_pretrain_tune.py): VICReg's variance and
 covariance terms (Bardes et al. 2022), which SimCLR-free methods use to stop dimensional collapse,
 computed on the encoder's embeddings of the *public* image bank instead of the batch
 (``vicreg_variance``, ``PretrainNet.public_variance_loss``). Why it is DP-safe: the term reads the

@@ -227,11 +227,22 @@ def test_the_weights_load_into_task_models_and_change_their_features(dp_pretrain
         assert untouched and all(torch.equal(own[k], random.state_dict()[k]) for k in untouched)  # heads: seeded init
 
 
+def test_the_ssl_preset_takes_its_public_variance_per_dp_setting_and_an_override_wins() -> None:
+    """configs/pretrain/ssl.yaml's public_variance was tuned without DP and under DP separately: the DP presets get
+    the DP weight, and pretrain.public_variance=W replaces both (the grid's SimSiam-alone arm passes 0)."""
+    plain, dp = compose(["pretrain=ssl"]).pretrain.public_variance, compose(["pretrain=ssl", *DP]).pretrain.public_variance
+    assert plain > 0 and dp > 0 and plain != dp
+    assert compose(["pretrain=ssl", "privacy=eps4"]).pretrain.public_variance == dp
+    for extra in ([], DP):
+        assert compose(["pretrain=ssl", "pretrain.public_variance=0", *extra]).pretrain.public_variance == 0.0
+    assert compose(["pretrain=crossmodal", *DP]).pretrain.public_variance == 0.0
+
+
 def test_the_card_and_the_ledger_record_the_private_pretraining(dp_pretrained) -> None:
     card = json.loads((dp_pretrained["ssl"].parent / "encoder_card.json").read_text())
     assert card["objective"] == "ssl" and card["data"].startswith("private") and card["rounds"] == 2
     assert card["public_bank"] == {"images": 64, "source": "synthetic: the task's generator at seed 50", "negatives": False,
-                                   "public_variance": 0.1}
+                                   "public_variance": compose(["pretrain=ssl", *DP]).pretrain.public_variance}
     assert set(card["sites"]) == {"site_a", "site_b"} and "git_commit" in card["code"]
     for s in card["sites"].values():  # pretrain.epsilon=2: this run's own share of the site's budget of 8
         assert s["dp"] and s["rounds_trained"] == 2 and 0.5 < s["epsilon"] <= 2.0 * 1.001 and s["ledger_epsilon"] >= s["epsilon"] - 1e-9
