@@ -70,9 +70,6 @@ def set_task(name: str) -> None:
 PRESETS = {None: [], 8.0: ["privacy=eps8"]}
 PRETRAIN_DP = ["privacy=eps4"]  # a DP fine-tuning cell's encoder was pretrained on the same patients under eps 4
 PRETRAIN_ROUNDS = ["rounds=3"]
-# the ssl preset's public_variance, chosen by bench/bench_pretrain_tune.py on tuning federations (seeds 100/101, validation
-# AUC of the 10 % fine-tune; bench/results/bench_pretrain_tune.json): without DP and under DP (chosen with DP on)
-TUNED_PUBLIC_VARIANCE = {False: 0.3, True: 1.0}
 # federated arms -> the pretraining objective: ssl is the default per-sample form (SimSiam + the public bank's
 # VICReg variance term, pretrain.public_variance), ssl-simsiam SimSiam alone (which collapses), ssl-public the views
 # against the public image bank (shared.ssl)
@@ -162,8 +159,9 @@ def federated_encoder(out: Path, objective: str, seed: int, dp: bool) -> tuple[P
         meta = json.loads(done.read_text())
         return Path(meta["weights"]), meta["epsilon_max"]
     data = _fresh(write_sites(out, seed), work / "data")
-    tuned = [f"pretrain.public_variance={TUNED_PUBLIC_VARIANCE[dp]}"] if objective == "ssl" else []  # as the preset
-    cfg = compose(FEDERATION + MODEL + PRETRAIN_ROUNDS + OBJECTIVES[objective] + tuned + [f"seed={seed}", f"data_root={data}",
+    # ssl's public_variance comes from its preset, which picks the weight tuned for this DP setting
+    # (bench/bench_pretrain_tune.py; PRETRAIN_DP turns privacy on)
+    cfg = compose(FEDERATION + MODEL + PRETRAIN_ROUNDS + OBJECTIVES[objective] + [f"seed={seed}", f"data_root={data}",
                                                                                  f"run_dir={work / 'run'}", *(PRETRAIN_DP if dp else [])])
     folders = list_sites(cfg.data_root)
     weights = run_federated_pretrain(cfg, InProcessGrid({100 + i: {"partition-id": i} for i in range(len(folders))}),
