@@ -21,10 +21,13 @@ fine-tuned, 100 % labels, same DP setting).
 
     python bench/bench_pretrain.py [--arms random,public,ssl,crossmodal] [--finetune all,heads]
         [--fractions 0.1,0.25,1] [--epsilons none,8] [--seeds 0,1,2] [--out runs/bench-pretrain]
-        [--task sarcopenia|osteoporosis_chest|osteoporosis_hand]
+        [--task sarcopenia|osteoporosis_chest|osteoporosis_hand] [--mix image:1.5:0.7]
 
 ``--task`` writes that task's synthetic federation (simulation.generators) and trains its model (TASKS:
 wavelet_fusion for the chest task, segclass for the hand task; JSON bench/results/bench_pretrain_<task>.json).
+``--mix NAME:IMAGE:CLINICAL`` runs the grid on another generator mix (``synth.image_signal`` /
+``synth.clinical_signal``, as bench/bench_quality.py's mixes; the public hospitals follow the same mix), into
+bench/results/bench_pretrain[_<task>]_mix-<NAME>.json; without it the generator's defaults (1:1).
 
 Each finished cell is appended to bench/results/bench_pretrain.json at once (a partial grid is a
 result); a rerun skips the cells already there.
@@ -58,6 +61,18 @@ MODEL = ["model=mmcl", "model.aux_loss=prototype"]  # the DP presets' aux loss i
 TASKS = {"sarcopenia": ([], ["model=mmcl", "model.aux_loss=prototype"]),
          "osteoporosis_chest": (["task=osteoporosis_chest"], ["model=wavelet_fusion", "model.aux_loss=prototype"]),
          "osteoporosis_hand": (["task=osteoporosis_hand"], ["model=segclass"])}
+
+
+def set_mix(mix: str) -> str:
+    """``NAME:IMAGE:CLINICAL`` -> the generator's signal weights in every federation of the grid; returns NAME."""
+    try:
+        name, image, clinical = mix.split(":")
+        image_w, clinical_w = float(image), float(clinical)
+    except ValueError:
+        raise SystemExit(f"--mix '{mix}': give NAME:IMAGE_SIGNAL:CLINICAL_SIGNAL, e.g. image:1.5:0.7") from None
+    FEDERATION[:] = [o for o in FEDERATION if not o.startswith(("synth.image_signal=", "synth.clinical_signal="))] + [
+        f"synth.image_signal={image_w}", f"synth.clinical_signal={clinical_w}"]
+    return name
 
 
 def set_task(name: str) -> None:
@@ -251,6 +266,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="runs/bench-pretrain")
     ap.add_argument("--task", default="sarcopenia", choices=sorted(TASKS), help="the task (and its model)")
+    ap.add_argument("--mix", default=None, help="NAME:IMAGE:CLINICAL generator signal weights (default: the generator's 1:1)")
     ap.add_argument("--json", default=None, help="where the cells go (default bench/results/bench_pretrain[_<task>].json)")
     ap.add_argument("--table-only", action="store_true", help="re-render the table from the JSON")
     args = ap.parse_args()
@@ -258,12 +274,17 @@ def main() -> None:
     torch.set_num_threads(1)
     console = Console()
     set_task(args.task)
-    path = Path(args.json or RESULTS / ("bench_pretrain.json" if args.task == "sarcopenia" else f"bench_pretrain_{args.task}.json"))
+    stem = "bench_pretrain" if args.task == "sarcopenia" else f"bench_pretrain_{args.task}"
+    if args.mix:
+        stem += f"_mix-{set_mix(args.mix)}"
+    path = Path(args.json or RESULTS / f"{stem}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     report = json.loads(path.read_text()) if path.exists() else {}
     report["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "threads": 1}
     report["federation"] = FEDERATION + MODEL
     report["task"] = args.task
+    if args.mix:
+        report["mix"] = args.mix
     if not args.table_only:
         grid(Path(args.out).resolve(), args.arms.split(","), args.finetune.split(","),
              [float(f) for f in args.fractions.split(",")], [None if e == "none" else float(e) for e in args.epsilons.split(",")],
