@@ -42,6 +42,13 @@ def backend_config(cfg: FedmskConfig) -> dict:
 # fedmsk starts; a cluster joined through simulation.ray_address keeps its own setting.
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
 WARM_HOOK = "simulation.runner.warm_worker"
+# Every Ray task and actor call reports its state changes to the GCS, which keeps up to 100 000 task
+# records (RAY_task_events_max_num_task_in_gcs) for `ray list tasks` and the dashboard's timeline:
+# with two messages a site a round that is the one memory that grew between round 2 and round 20
+# (bench/bench_scale.py --leak: GCS +5.4 MB over 50 sites x 12 rounds, the workers flat). fedmsk
+# starts Ray without its dashboard and reads no task events, so a local Ray reports none (0 turns
+# the reporting off); a cluster joined through simulation.ray_address keeps its own setting.
+TASK_EVENTS_ENV = "RAY_task_events_report_interval_ms"
 # Ray waits a hard-coded 30 s for its raylet to register (ray/_private/node.py); on an overloaded
 # machine that can pass once and succeed on the next try
 RAY_START_ATTEMPTS = 3
@@ -79,6 +86,7 @@ def start_ray(cfg: FedmskConfig) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not cfg.simulation.ray_address:
         os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+        os.environ.setdefault(TASK_EVENTS_ENV, "0")
         # a worker must register within 60 s by default; a loaded machine (load 170 seen here) needs longer
         os.environ.setdefault("RAY_worker_register_timeout_seconds", "300")
     threads = str(max(1, cfg.federation.torch_threads))
