@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--sites", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--patients", default="40", help="patients per site, or 'default' for the generator's "
+                    "(180/140/100, what `make demo` trains on)")
     ap.add_argument("--out", default="runs/bench-sim")
     ap.add_argument("--json", default="sim.json", help="file name under bench/results/")
     ap.add_argument("--profile", action="store_true", help="time the pieces of one message first")
@@ -138,9 +140,10 @@ def main() -> None:
     from simulation.synth import write_federation
 
     out = Path(args.out).resolve()
-    root = out / f"sites{args.sites}"
-    base = [f"num_sites={args.sites}", f"rounds={args.rounds}", "model=mmcl", "federation.local_epochs=1",
-            f"synth.patients_per_site=[40]", "synth.prevalence=[0.3]", "synth.missing_rate=[0.05]",
+    small = args.patients != "default"
+    root = out / (f"sites{args.sites}" if args.patients == "40" else f"sites{args.sites}-p{args.patients}")
+    sizes = [f"synth.patients_per_site=[{int(args.patients)}]", "synth.prevalence=[0.3]", "synth.missing_rate=[0.05]"] if small else []
+    base = [f"num_sites={args.sites}", f"rounds={args.rounds}", "model=mmcl", "federation.local_epochs=1", *sizes,
             f"data_root={root}", *args.overrides]
     if not root.exists():
         write_federation(compose(base))

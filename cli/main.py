@@ -22,6 +22,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+# Flower posts a telemetry event to telemetry.flower.ai when run_simulation starts and ends (read once,
+# when flwr is first imported: flwr/supercore/telemetry.py). Nothing of a fedmsk run phones home: the
+# processes fedmsk starts get it off through server.superlink.quiet_flower_env, the verbs' own process here.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
 # exit codes of every verb (README "Exit codes"); a verb returns 0 or 1, main maps the rest
 EXIT_OK = 0  # ready / the run completed
 EXIT_NOT_READY = 1  # the verb did its job and the answer is no: site not ready, run failed, no site trained

@@ -15,16 +15,21 @@ def _overrides(p: argparse.ArgumentParser) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from server.federation import RunStopped
-    from simulation.runner import simulate
+    from simulation.runner import simulate, start_ray_early, stop_ray
 
-    load_training_checks()
+    start_ray_early(args.overrides)  # Ray and its workers start while torch, Flower and the checks import
     try:
-        simulate(compose(args.overrides), Console())
-    except RunStopped as stop:  # nobody trained: the run folder says why; never "completed"
-        Console(stderr=True).print(f"[bold red]run stopped:[/] {stop}", highlight=False)
-        return 1
-    return 0
+        from server.federation import RunStopped
+
+        load_training_checks()
+        try:
+            simulate(compose(args.overrides), Console())
+        except RunStopped as stop:  # nobody trained: the run folder says why; never "completed"
+            Console(stderr=True).print(f"[bold red]run stopped:[/] {stop}", highlight=False)
+            return 1
+        return 0
+    finally:
+        stop_ray()  # a config the full checks refuse never reaches simulate, which would have stopped it
 
 
 def _central(args: argparse.Namespace) -> int:

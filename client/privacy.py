@@ -29,23 +29,24 @@ import math
 from dataclasses import asdict, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.utils.batch_memory_manager import wrap_data_loader
-from opacus.validators import ModuleValidator
 import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-import client.grad_samplers  # noqa: F401  (registers fedmsk's per-sample gradient samplers with Opacus)
 from client.ledger import PrivacyLedger, RoundEntry, RunPlan, Step, merge_history
 from client.randomness import site_generator
 from shared.config import ConfigError, FederationConfig, PrivacyConfig, load_yaml_file
 from shared.losses import DP_SAFE_AUX, empty_batch_loss
 
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
+
+# Opacus (and with it torch.distributed.tensor: 0.6 s of CPU a process here) is imported where DP is
+# used, not with this module: every site message resolves its privacy policy, and a simulated site
+# without DP never needs Opacus (each Ray worker imports the ClientApp when it starts).
 log = logging.getLogger("fedmsk.privacy")
 
 GRAD_SAMPLE_MODE = "hooks"  # with client.grad_samplers: the fastest valid mode for our models and losses (bench/bench_dp.py --steps)
@@ -103,6 +104,8 @@ def _epsilon(history: tuple[Step, ...], delta: float, accountant: str) -> float:
     """Cached: a PRV evaluation takes seconds on a CPU and the same history is asked about repeatedly."""
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(accountant)
     acc.history = list(history)
     return float(acc.get_epsilon(delta))
@@ -285,6 +288,12 @@ class SitePrivacy:
                 "the auxiliary loss couples the patients of a batch, which DP-SGD cannot make private; "
                 f"use model.aux_loss one of {DP_SAFE_AUX}"
             )
+        from opacus import PrivacyEngine
+        from opacus.utils.batch_memory_manager import wrap_data_loader
+        from opacus.validators import ModuleValidator
+
+        import client.grad_samplers  # noqa: F401  (registers fedmsk's per-sample gradient samplers with Opacus)
+
         ModuleValidator.validate(module, strict=True)  # no silent surgery: the model must be DP-ready as built
         run_id, rnd = self._round or ("", 0)
         device = next(module.parameters()).device

@@ -4,19 +4,26 @@ Flower's simulation engine, with the same ClientApp and ServerApp as a real depl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import sys
+import threading
 import warnings
 from pathlib import Path
 
 from rich.console import Console
 
 from client.site import list_sites
-from server.app import default_run_dir, make_server_app
-from shared.config import ConfigError, FedmskConfig
+from shared.config import ConfigError, FedmskConfig, compose
+
+# as cli.main: a simulation started from Python (flwr not imported yet) does not phone home either
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+# Nothing heavy at module level: `fedmsk simulate` starts Ray (and with it the workers' own imports,
+# simulation.ray_preload) before the driver imports torch, Flower and the ServerApp (in _simulate).
 
 
 def backend_config(cfg: FedmskConfig) -> dict:
@@ -41,7 +48,9 @@ def backend_config(cfg: FedmskConfig) -> dict:
 # driver's own priority (`nice fedmsk simulate` still lowers the whole tree). Read by the raylet
 # fedmsk starts; a cluster joined through simulation.ray_address keeps its own setting.
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
-WARM_HOOK = "simulation.runner.warm_worker"
+WARM_HOOK = "simulation.ray_preload.warm"  # a joined cluster's workers run it when they start
+# a local Ray's workers import it when they start (Ray's preload_python_modules setting)
+PRELOAD_ENV, PRELOAD_MODULE = "RAY_preload_python_modules", "simulation.ray_preload"
 # Every Ray task and actor call reports its state changes to the GCS, which keeps up to 100 000 task
 # records (RAY_task_events_max_num_task_in_gcs) for `ray list tasks` and the dashboard's timeline:
 # with two messages a site a round that is the one memory that grew between round 2 and round 20
@@ -55,28 +64,90 @@ RAY_START_ATTEMPTS = 3
 log = logging.getLogger("fedmsk.simulate")
 
 
-def warm_worker() -> None:
-    """Ray's ``worker_process_setup_hook``: a worker imports what a ClientApp message needs when it
-    starts, while the driver is still setting up, not on its first message (torch, Flower, Opacus,
-    MONAI and fedmsk's ClientApp: several seconds of CPU each worker)."""
-    import torch
+class _EarlyStart:
+    """A local Ray started by a thread while the caller goes on (``start_ray_early``).
 
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    import monai.data  # noqa: F401  (shared.sitedata's datasets)
+    The thread lives until ``stop_ray``: Ray starts its GCS and raylet with the parent-death signal
+    set (Linux ``PR_SET_PDEATHSIG``), which fires when the *thread* that started them ends, so a
+    thread that returned after ``ray.init`` would take the whole local Ray down with it.
+    """
 
-    import client.secagg_app  # noqa: F401  (client.app, the trainer, the models, Opacus)
-    import shared.sitedata  # noqa: F401
+    thread: threading.Thread | None = None
+    started = threading.Event()
+    release = threading.Event()
+    error: BaseException | None = None
+
+
+_EARLY = _EarlyStart()
+
+
+def start_ray_early(overrides: list[str]) -> None:
+    """Start Ray in a thread, from a compose without the training checks, so that Ray's own start
+    (2-3 s here) and its workers' imports (simulation.ray_preload) overlap the driver importing
+    torch, Flower and the training checks and composing again with them.
+
+    Nothing starts when that compose or the cluster address is refused: the full compose, or
+    ``simulate``, then says why as it would have. ``start_ray`` waits for this start; a caller
+    whose full compose then fails calls ``stop_ray``.
+    """
+    try:
+        cfg = compose(overrides)
+        check_ray_address(cfg.simulation.ray_address)
+    except ConfigError:
+        return
+    _EARLY.started.clear()
+    _EARLY.release.clear()
+    _EARLY.error = None
+
+    def run() -> None:
+        try:
+            start_ray(cfg)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's start_ray
+            _EARLY.error = exc
+        finally:
+            _EARLY.started.set()
+        _EARLY.release.wait()  # Ray's processes live as long as the thread that started them
+
+    _EARLY.thread = threading.Thread(target=run, name="fedmsk-ray-start", daemon=True)
+    _EARLY.thread.start()
+
+
+def stop_ray() -> None:
+    """Shut down the Ray this process started (early or not), if it is up."""
+    import ray
+
+    if _EARLY.thread is not None:
+        _EARLY.started.wait()
+    if ray.is_initialized():
+        ray.shutdown()
+    if _EARLY.thread is not None:
+        _EARLY.release.set()
+        _EARLY.thread.join()
+        _EARLY.thread = None
 
 
 def start_ray(cfg: FedmskConfig) -> None:
     """Start (or join) Ray before Flower's backend would, with the settings a simulated site needs.
 
     Flower's ``RayBackend.init_ray`` does nothing when Ray is already up, and ``run_simulation``
-    shuts it down at the end. What this adds to Flower's own start: the workers' setup hook
-    (``warm_worker``), their thread count (``federation.torch_threads``), and their priority
-    (``WORKER_NICENESS_ENV``). Flower's ``PYTHONPATH`` hand-over is kept: the workers import fedmsk
-    from the driver's ``sys.path``.
+    shuts it down at the end. What this adds to Flower's own start: the workers' warm-up
+    (``simulation.ray_preload``), their thread count (``federation.torch_threads``), and their
+    priority (``WORKER_NICENESS_ENV``). Flower's ``PYTHONPATH`` hand-over is kept: the workers
+    import fedmsk from the driver's ``sys.path``.
+
+    A local Ray gets these through the environment its raylet inherits, not through a job
+    ``runtime_env``: the raylet prestarts one worker per CPU as the driver connects, and only
+    workers of the job's own runtime env can become Flower's ClientApp actors. With a runtime env
+    (Flower's way, and fedmsk's before) the prestarted workers idle and each actor waits for a
+    new process and its imports after Flower builds its pool (measured here: actors ready 14 s
+    after start against 6 s). A cluster joined through ``simulation.ray_address`` started its
+    workers elsewhere, so they get the settings as a runtime env and the warm-up as a setup hook.
     """
+    if _EARLY.thread is not None and threading.current_thread() is not _EARLY.thread:
+        _EARLY.started.wait()  # started by start_ray_early: its error is this start's error
+        error, _EARLY.error = _EARLY.error, None
+        if error is not None:
+            raise error
     import ray
 
     if ray.is_initialized():
@@ -84,17 +155,21 @@ def start_ray(cfg: FedmskConfig) -> None:
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = pythonpath
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not cfg.simulation.ray_address:
+    threads = str(max(1, cfg.federation.torch_threads))
+    env_vars = {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if cfg.simulation.ray_address:
+        runtime_env, raylet_env = {"env_vars": env_vars, "worker_process_setup_hook": WARM_HOOK}, {}
+    else:
         os.environ.setdefault(WORKER_NICENESS_ENV, "0")
         os.environ.setdefault(TASK_EVENTS_ENV, "0")
         # a worker must register within 60 s by default; a loaded machine (load 170 seen here) needs longer
         os.environ.setdefault("RAY_worker_register_timeout_seconds", "300")
-    threads = str(max(1, cfg.federation.torch_threads))
-    env_vars = {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        runtime_env, raylet_env = None, env_vars | {PRELOAD_ENV: PRELOAD_MODULE}
     init_args = backend_config(cfg)["init_args"]
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
-            ray.init(runtime_env={"env_vars": env_vars, "worker_process_setup_hook": WARM_HOOK}, **init_args)
+            with _environ(raylet_env):  # the raylet and its workers keep them; the driver's own threads stay as set
+                ray.init(runtime_env=runtime_env, **init_args)
             return
         except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
             if "timed out during startup" not in str(exc):
@@ -104,6 +179,21 @@ def start_ray(cfg: FedmskConfig) -> None:
     raise RuntimeError(f"Ray's local node did not start within 30 s, {RAY_START_ATTEMPTS} times: the machine is too loaded "
                        f"to start Ray's processes (Ray's own limit, not a fedmsk setting); retry when it is less busy, "
                        f"or run on a started cluster with simulation.ray_address")
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """``values`` in os.environ for the block (what processes started in it inherit), then as before."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def client_gpus(cfg: FedmskConfig) -> float:
@@ -171,10 +261,7 @@ def simulate(cfg: FedmskConfig, console: Console | None = None) -> dict:
         start_ray(cfg)  # first: the workers warm up while the driver imports and checks the rest
         return _simulate(cfg, sites, console)
     finally:
-        import ray
-
-        if ray.is_initialized():  # Flower shuts it down; not when the run failed before its backend started
-            ray.shutdown()
+        stop_ray()  # Flower shuts it down; not when the run failed before its backend started
 
 
 def _simulate(cfg: FedmskConfig, sites: list[Path], console: Console) -> dict:
@@ -182,6 +269,7 @@ def _simulate(cfg: FedmskConfig, sites: list[Path], console: Console) -> dict:
     from flwr.simulation import run_simulation
 
     from client.secagg_app import app as client_app  # plain messages go on to client.app
+    from server.app import default_run_dir, make_server_app
     from simulation.evaluation import check_side_files, load_federation, load_screener, pooled_test_metrics, run_extras
 
     use_oracle = check_side_files(cfg, sites, console)  # a foreign oracle.csv is said now, not after training

@@ -259,8 +259,24 @@ def test_the_serverapp_pulls_replies_at_the_configured_interval(monkeypatch):
     replies = grid.send_and_receive([object(), object()], timeout=60)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m1", "m2"]
     assert slept == [0.2, 0.2] and grid.pulls == 3
-    other = SimpleNamespace(send_and_receive=None)  # simulation's grid is left alone
+    other = SimpleNamespace(send_and_receive=None)  # any other grid is left alone
     assert reply_poll.quick_replies(other, 0.2) is other
+
+
+def test_simulations_in_memory_grid_pulls_replies_without_flowers_tenth_of_a_second():
+    """server.reply_poll: in simulation a pull is a look-up in memory; Flower's 0.1 s wait between pulls was
+    0.1 s a round, and the streamed aggregation (server.streaming) sleeps the grid's own interval."""
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    import server.reply_poll as reply_poll
+
+    grid = InMemoryGrid(LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()))
+    assert grid.pull_interval == 0.1  # Flower's
+    assert reply_poll.quick_replies(grid, 0.2) is grid and grid.pull_interval == reply_poll.IN_MEMORY_POLL_S < 0.1
 
 
 def test_packed_messages_carry_one_array_and_come_back_exactly(monkeypatch):

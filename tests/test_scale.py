@@ -6,9 +6,6 @@ number. Memory itself is measured by bench/bench_scale.py, not here.
 
 from __future__ import annotations
 
-import os
-import time
-
 import numpy as np
 import pytest
 
@@ -147,29 +144,3 @@ def test_the_recorder_keeps_histogram_bins_in_the_file_not_in_memory(tmp_path):
     on_disk = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert on_disk["hist_neg_00"] == 3 and on_disk["hist_pos_00"] == 1  # the ROC of `fedmsk report` reads them there
 
-
-def test_a_local_ray_keeps_no_task_records_that_grow_with_rounds(monkeypatch):
-    """The GCS's per-task records were the round-over-round growth of a long simulation; fedmsk's local Ray keeps none."""
-    import ray
-    from ray._private import state
-
-    from simulation.runner import TASK_EVENTS_ENV, start_ray
-
-    for key in (TASK_EVENTS_ENV, "RAY_worker_niceness", "RAY_worker_register_timeout_seconds", "PYTHONPATH", "RAY_DEDUP_LOGS"):
-        monkeypatch.delenv(key, raising=False)  # start_ray sets them for the processes it starts; undone after the test
-    assert not ray.is_initialized()
-    start_ray(compose(["federation.client_cpus=1"]))
-    try:
-        assert os.environ[TASK_EVENTS_ENV] == "0"
-
-        @ray.remote(num_cpus=1)
-        class Site:
-            def step(self, n):
-                return n + 1
-
-        site = Site.remote()
-        assert ray.get([site.step.remote(i) for i in range(30)]) == list(range(1, 31))
-        time.sleep(1.5)  # past Ray's default 1 s report interval, had it been on
-        assert state.state._connect_and_get_accessor().get_task_events() == []
-    finally:
-        ray.shutdown()
