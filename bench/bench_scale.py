@@ -1,8 +1,8 @@
 """How many small sites `fedmsk simulate` runs on one machine, and whether its memory stays flat.
 
 Each size is one `fedmsk simulate` process (MM-CL, sites of 40 patients); a sampler thread sums
-the resident memory (psutil RSS) of that process and every descendant (Ray's GCS, raylet,
-agents and the ClientApp workers) every ``--interval`` s. Per run: the peak of the tree, and per
+the resident memory (psutil RSS, and PSS: ``tree_rss``) of that process and every descendant (Ray's
+GCS, raylet, agents and the ClientApp workers) every ``--interval`` s. Per run: the peak of the tree, and per
 round the tree's memory when the round's validation ends (the ``round k/R: val`` progress line)
 and its peak during the round. Two parts:
 
@@ -53,17 +53,30 @@ def component(proc: psutil.Process, root: psutil.Process) -> str:
 
 def tree_rss(root: psutil.Process) -> tuple[int, int, dict[str, int]]:
     """(bytes, processes, bytes per component) of ``root`` and all its descendants; processes that
-    ended meanwhile are skipped."""
-    total, count, parts = 0, 0, {"driver": 0, "ray_workers": 0, "ray_services": 0}
+    ended meanwhile are skipped.
+
+    Per component, ``<name>`` is the RSS sum and ``<name>_pss`` the PSS sum (Linux smaps: a shared
+    page counts 1/n in each of the n processes mapping it), and ``pss`` the tree's PSS. RSS counts
+    every page a process maps: shared libraries in each process, and the pages of Ray's object store
+    (a shared-memory file the raylet and every worker map) in each worker that has read an object
+    from there, so a worker's RSS grows as the store's allocator moves through fresh pages though
+    nothing is kept. The PSS sum counts each page once.
+    """
+    total, count = 0, 0
+    parts = {"driver": 0, "ray_workers": 0, "ray_services": 0, "driver_pss": 0, "ray_workers_pss": 0,
+             "ray_services_pss": 0, "pss": 0}
     try:
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return 0, 0, parts
     for proc in procs:
         try:
-            rss = proc.memory_info().rss
-            parts[component(proc, root)] += rss
-            total += rss
+            info = proc.memory_full_info()
+            name = component(proc, root)
+            parts[name] += info.rss
+            parts[f"{name}_pss"] += info.pss
+            parts["pss"] += info.pss
+            total += info.rss
             count += 1
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
@@ -93,7 +106,8 @@ def run_one(n_sites: int, rounds: int, out: Path, image_size: int, interval: flo
     run_env = os.environ | {"OMP_NUM_THREADS": "1", "COLUMNS": "200"} | (env or {})
     if trace is not None:  # bench/memtrace/sitecustomize.py: tracemalloc diffs in the driver, per round
         trace.mkdir(parents=True, exist_ok=True)
-        (trace / "driver.jsonl").unlink(missing_ok=True)
+        for old in [trace / "driver.jsonl", *trace.glob("worker-*.jsonl")]:
+            old.unlink(missing_ok=True)
         run_env |= {"FEDMSK_BENCH_TRACE": str(trace),
                     "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "memtrace"), run_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     t0 = time.perf_counter()
@@ -156,7 +170,8 @@ def main() -> None:
     ap.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
                     help="environment for the simulate process tree (e.g. MALLOC_ARENA_MAX=2)")
     ap.add_argument("--trace", action="store_true",
-                    help="leak run: tracemalloc diffs of the driver after every round -> <out>/trace/driver.jsonl")
+                    help="leak run: tracemalloc diffs of the driver after every round and of each worker every 100 "
+                         "messages -> <out>/trace/*.jsonl and the JSON")
     ap.add_argument("overrides", nargs="*", help="more config overrides for every run (e.g. federation.site_cache_mb=0)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
@@ -185,13 +200,19 @@ def main() -> None:
         r["growth_peak_mb"] = by_round[args.leak_rounds]["peak_mb"] / by_round[2]["peak_mb"] - 1
         r["growth_component_mb"] = {k: by_round[args.leak_rounds]["end_component_mb"][k] - v
                                     for k, v in by_round[2]["end_component_mb"].items()}
+        r["growth_end_pss"] = by_round[args.leak_rounds]["end_component_mb"]["pss"] / by_round[2]["end_component_mb"]["pss"] - 1
         if trace is not None and (trace / "driver.jsonl").is_file():
             r["driver_trace"] = [json.loads(x) for x in (trace / "driver.jsonl").read_text().splitlines()]
+        if trace is not None:  # the workers' own (bench/memtrace/sitecustomize.py, worker branch)
+            r["worker_trace"] = {f.stem: [json.loads(x) for x in f.read_text().splitlines()]
+                                 for f in sorted(trace.glob("worker-*.jsonl"))}
         result["leak"] = r
         print(f"leak run, {args.leak_sites} sites x {args.leak_rounds} rounds: after round 2 {by_round[2]['end_mb']:.0f} MB, "
               f"after round {args.leak_rounds} {by_round[args.leak_rounds]['end_mb']:.0f} MB ({r['growth_end_mb']:+.1%}); "
               f"peak in round 2 vs {args.leak_rounds}: {r['growth_peak_mb']:+.1%}; round 2 -> {args.leak_rounds} per component: "
-              + ", ".join(f"{k} {v:+.1f} MB" for k, v in r["growth_component_mb"].items()), flush=True)
+              + ", ".join(f"{k} {v:+.1f} MB" for k, v in r["growth_component_mb"].items())
+              + f"; PSS of the tree {by_round[2]['end_component_mb']['pss']:.0f} -> "
+                f"{by_round[args.leak_rounds]['end_component_mb']['pss']:.0f} MB ({r['growth_end_pss']:+.1%})", flush=True)
         save()
     if result["scale"]:
         base = result["scale"][0]

@@ -8,6 +8,11 @@ starts tracemalloc after round 1 and, once ``server.federation`` is imported, wr
 since round 2 and since the previous round (file:line, KiB, blocks), Python's object counts by
 type grown since round 2, and, with FEDMSK_BENCH_TRIM=1, the RSS after glibc's malloc_trim(0)
 (what the allocator held but had freed).
+
+In a Ray worker (argv names Ray's ``default_worker.py``) it wraps the ClientApp's ``__call__``
+instead: tracemalloc from the worker's 150th message, a snapshot every 100 messages, and one JSON
+line per snapshot in <dir>/worker-<pid>.jsonl with the traced total and the top allocation sites
+grown since message 200 (full tracebacks, oldest frame first).
 """
 
 from __future__ import annotations
@@ -90,3 +95,47 @@ if _DIR and os.path.basename(sys.argv[0] if sys.argv else "") == "fedmsk":
         fed.evaluate_round = evaluate_round
 
     threading.Thread(target=_patch, daemon=True, name="memtrace").start()
+
+
+if _DIR and any("default_worker.py" in arg for arg in sys.argv):
+    import json
+    import threading
+    import time
+    import tracemalloc
+
+    _worker: dict = {"n": 0}
+
+    def _worker_snapshot() -> None:
+        n = _worker["n"]
+        if n == 150:
+            tracemalloc.start(8)
+        elif n > 150 and n % 100 == 0:
+            snap = tracemalloc.take_snapshot()
+            if "base" not in _worker:
+                _worker["base"] = snap
+                return
+            stats = sorted(snap.compare_to(_worker["base"], "traceback"), key=lambda s: s.size_diff, reverse=True)[:8]
+            row = {"messages": n, "time": time.time(), "traced_mb": tracemalloc.get_traced_memory()[0] / 2**20,
+                   "since_message_200": [{"kib": round(s.size_diff / 1024, 1), "blocks": s.count_diff,
+                                          "where": [f"{f.filename}:{f.lineno}" for f in s.traceback]} for s in stats]}
+            with open(os.path.join(_DIR, f"worker-{os.getpid()}.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _patch_worker() -> None:
+        while "client.secagg_app" not in sys.modules or not hasattr(sys.modules["client.secagg_app"], "RoutingClientApp"):
+            time.sleep(0.5)
+        cls = sys.modules["client.secagg_app"].RoutingClientApp
+        orig = cls.__call__
+
+        def call(self, message, context):
+            out = orig(self, message, context)
+            _worker["n"] += 1
+            try:
+                _worker_snapshot()
+            except Exception as exc:  # noqa: BLE001 - instrumentation never stops the run
+                print(f"memtrace: {exc!r}", file=sys.stderr)
+            return out
+
+        cls.__call__ = call
+
+    threading.Thread(target=_patch_worker, daemon=True, name="memtrace-worker").start()
