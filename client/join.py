@@ -25,6 +25,7 @@ ClientApp's exit (Flower waits up to 4 s for its telemetry event).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import stat
@@ -203,6 +204,34 @@ class SiteNode:
         self.supernode: ManagedProcess | None = None
         self.executor: ManagedProcess | None = None
         self.stopped_by_us = False  # Ctrl-C / SIGTERM / stop(): not a failure
+        self._lock_fd: int | None = None
+
+    def _take_lock(self) -> None:
+        """Hold ``state/join.lock`` while this site runs: a second join from the same folder is refused.
+
+        Two SuperNodes of one site sharing a state folder would rewrite each other's Runtime API
+        secret and interleave their logs (the running one's failures then read as the new one's).
+        The lock is an flock on a close-on-exec descriptor: the children do not hold it, and it
+        goes with this process however it ends.
+        """
+        path = self.state_dir / "join.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(
+                f"site '{self.settings.site}' is already joined from {self.state_dir} (pid {holder}); "
+                f"stop that `fedmsk join` first (one join per site bundle)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _env(self) -> dict[str, str]:
         env = quiet_flower_env(dict(os.environ))
@@ -214,6 +243,15 @@ class SiteNode:
     def start(self) -> "SiteNode":
         s = self.settings
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> "SiteNode":
+        s = self.settings
         secret = self.state_dir / "superexec.secret"
         if secret.exists():
             secret.unlink()
@@ -307,6 +345,7 @@ class SiteNode:
         for proc in (self.executor, self.supernode):
             if proc is not None:
                 proc.stop()
+        self._release_lock()
 
     def __enter__(self) -> "SiteNode":
         return self.start()

@@ -155,7 +155,7 @@ class LocalFederation:
         return self.server
 
     def join(self, name: str, bundle: Path | None = None, intervals: Intervals | None = None, max_retries: int | None = 0,
-             **settings_changes) -> SiteNode:
+             state_dir: Path | None = None, **settings_changes) -> SiteNode:
         """Start a site. ``max_retries=0``: a refused site stops at once; ``None``: retries forever (survives a
         SuperLink restart, as `fedmsk join` does)."""
         from dataclasses import replace
@@ -163,7 +163,8 @@ class LocalFederation:
         settings = load_join(bundle or self.consortium.bundle_dir(name))
         if settings_changes:
             settings = replace(settings, **settings_changes)
-        node = SiteNode(settings, runtime_port=free_port(), max_retries=max_retries, intervals=intervals).start()
+        node = SiteNode(settings, runtime_port=free_port(), max_retries=max_retries, intervals=intervals, state_dir=state_dir)
+        node.start()
         self.nodes[f"{name}-{len(self.nodes)}"] = node
         return node
 
@@ -175,6 +176,29 @@ class LocalFederation:
                 return
             time.sleep(1.0)
         raise AssertionError(f"fewer than {n} sites online after {timeout:.0f} s: {node_states(self.server.home)}")
+
+    def log_marks(self) -> dict[str, int]:
+        """Where each shared site's SuperNode log ends now (for ``wait_reconnected``)."""
+        return {name: node.supernode.log_path.stat().st_size for name, node in self.site_nodes.items()}
+
+    def wait_reconnected(self, marks: dict[str, int], timeout: float = 120.0) -> None:
+        """Wait until every shared site logged a successful reconnection after ``marks``, then is online.
+
+        After a SuperLink restart its state.db still says "online" for up to two heartbeats, so
+        node_states alone passes before a site has actually reconnected; Flower's retry invoker
+        logs "Connection successful after ..." when a failed call finally goes through.
+        """
+        deadline = time.monotonic() + timeout
+        waiting = dict(marks)
+        while waiting and time.monotonic() < deadline:
+            for name, mark in list(waiting.items()):
+                with open(self.site_nodes[name].supernode.log_path, "rb") as fh:
+                    fh.seek(mark)
+                    if b"Connection successful after" in fh.read():
+                        del waiting[name]
+            time.sleep(0.5)
+        assert not waiting, f"sites not reconnected after {timeout:.0f} s: {sorted(waiting)}"
+        self.wait_online(len(marks), timeout=max(1.0, deadline - time.monotonic()))
 
     def run_log(self, run_id: str) -> str:
         import subprocess

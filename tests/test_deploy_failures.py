@@ -124,6 +124,7 @@ def test_launch_gives_up_on_its_deadline_and_when_the_superlink_goes(fed, tmp_pa
     while runs() == before and time.monotonic() < deadline:  # submitted (building the app takes a while under load)
         time.sleep(1.0)
     time.sleep(2.0)  # and waiting for sites
+    marks = fed.log_marks()
     fed.server.superlink.signal_group(signal.SIGKILL)
     runner.join(timeout=120)
     out = capsys.readouterr()
@@ -133,5 +134,5 @@ def test_launch_gives_up_on_its_deadline_and_when_the_superlink_goes(fed, tmp_pa
     # `fedmsk server` restarts the SuperLink (same state.db) and the sites reconnect by themselves
     events = fed.server.supervise()
     assert any("SuperLink died" in e and "Restarted" in e for e in events), events
-    fed.wait_online(3, timeout=120)
+    fed.wait_reconnected(marks, timeout=120)
     assert all(fed.site_nodes[name].supernode.alive() for name in SITES)

@@ -20,6 +20,7 @@ from client.warm import WARM_LINE
 from server.launch import launch
 from server.provision import Consortium
 from server.superlink import node_states, revoke_site
+from shared.config import ConfigError
 from deploy_helpers import COLD, SITES, TINY
 
 pytestmark = pytest.mark.deploy
@@ -58,7 +59,10 @@ def test_refused_supernodes_say_why(fed, tmp_path):
 
     never_added = fed.join("intruder", bundle=intruder_bundle, ca_certificate=fed.consortium.ca_cert, intervals=COLD)
     revoked = fed.join("site_revoked", intervals=COLD)
-    wrong_ca = fed.join("site_b", ca_certificate=outsider.ca_cert, intervals=COLD)  # a key that is registered, without our CA
+    with pytest.raises(ConfigError, match=r"site 'site_b' is already joined from .*site_b/state \(pid \d+\)"):
+        fed.join("site_b", intervals=COLD)  # the running site_b holds its bundle's state folder
+    # a key that is registered, without our CA (its own state folder: the running site_b keeps its own)
+    wrong_ca = fed.join("site_b", ca_certificate=outsider.ca_cert, intervals=COLD, state_dir=tmp_path / "wrong_ca")
     deadline = time.monotonic() + 90
     for node in (never_added, revoked, wrong_ca):
         while node.supernode.alive() and time.monotonic() < deadline:
@@ -68,7 +72,8 @@ def test_refused_supernodes_say_why(fed, tmp_path):
     assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca.supernode.log_text() and "ca.crt" in wrong_ca.explain_exit()
     states = node_states(fed.server.home)
     assert states[fed.consortium.site("site_revoked").node_id] == "unregistered"
-    assert sum(s == "online" for s in states.values()) == 3  # the real sites are unaffected
+    assert {states[fed.consortium.site(name).node_id] for name in SITES} == {"online"}  # the real sites are unaffected
+    assert "CERTIFICATE_VERIFY_FAILED" not in fed.site_nodes["site_b"].supernode.log_text()
 
 
 def test_two_round_run_through_fedmsk_launch_writes_a_model(fed, tmp_path, capsys):
