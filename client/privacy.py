@@ -49,6 +49,23 @@ if TYPE_CHECKING:
 # without DP never needs Opacus (each Ray worker imports the ClientApp when it starts).
 log = logging.getLogger("fedmsk.privacy")
 
+
+def import_opacus() -> None:
+    """Import Opacus and register fedmsk's per-sample gradient samplers, leaving logging as it was.
+
+    Opacus' import calls ``logging.basicConfig`` (opacus/utils/module_utils.py): where the root
+    logger had no handler, every Flower and fedmsk line was printed a second time from then on.
+    The handlers that import added are removed again.
+    """
+    root = logging.getLogger()
+    before = list(root.handlers)
+    import opacus  # noqa: F401
+
+    import client.grad_samplers  # noqa: F401  (registers fedmsk's samplers with Opacus)
+
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+
 GRAD_SAMPLE_MODE = "hooks"  # with client.grad_samplers: the fastest valid mode for our models and losses (bench/bench_dp.py --steps)
 MAX_PHYSICAL_BATCH = 64  # larger logical batches are split by Opacus' BatchMemoryManager
 MAX_NOISE_MULTIPLIER = 32.0  # above this the noise drowns any gradient: a leftover budget this small counts as spent
@@ -104,6 +121,7 @@ def _epsilon(history: tuple[Step, ...], delta: float, accountant: str) -> float:
     """Cached: a PRV evaluation takes seconds on a CPU and the same history is asked about repeatedly."""
     if not history:
         return 0.0
+    import_opacus()
     from opacus.accountants import create_accountant
 
     acc = create_accountant(accountant)
@@ -288,11 +306,10 @@ class SitePrivacy:
                 "the auxiliary loss couples the patients of a batch, which DP-SGD cannot make private; "
                 f"use model.aux_loss one of {DP_SAFE_AUX}"
             )
+        import_opacus()
         from opacus import PrivacyEngine
         from opacus.utils.batch_memory_manager import wrap_data_loader
         from opacus.validators import ModuleValidator
-
-        import client.grad_samplers  # noqa: F401  (registers fedmsk's per-sample gradient samplers with Opacus)
 
         ModuleValidator.validate(module, strict=True)  # no silent surgery: the model must be DP-ready as built
         run_id, rnd = self._round or ("", 0)

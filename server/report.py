@@ -47,23 +47,50 @@ def _clean(value: Any) -> Any:
 
 @dataclass
 class RunRecorder:
-    """Collects a run's metrics as they arrive and writes the run folder."""
+    """Collects a run's metrics as they arrive and writes the run folder.
+
+    Site rows live in ``metrics.jsonl`` only (``rows`` reads them back when the run ends); the
+    pooled rows (site ``global``: a few a round, what the run decides on) stay in memory too.
+    Holding every site's rows had grown the coordinator by 0.4 MB a round at 100 sites.
+    """
 
     run_dir: Path
     cfg: FedmskConfig
-    rows: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    pooled: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "checkpoints").mkdir(exist_ok=True)
         atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
         self._metrics_path = self.run_dir / "metrics.jsonl"
-        if self.cfg.resume:  # keep what the interrupted run recorded
-            for name, into, keep in (("metrics.jsonl", self.rows, _kept), ("events.jsonl", self.events, dict)):
-                path = self.run_dir / name
-                if path.is_file():
-                    into.extend(keep(json.loads(line)) for line in path.read_text().splitlines() if line.strip())
+        # where this run's rows begin: a resumed run keeps what the interrupted one recorded
+        self._start = 0 if self.cfg.resume or not self._metrics_path.is_file() else self._metrics_path.stat().st_size
+        if self.cfg.resume:
+            self.pooled.extend(r for r in self.rows if r["site"] == "global")
+            path = self.run_dir / "events.jsonl"
+            if path.is_file():
+                self.events.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+
+    def read_rows(self, offset: int | None = None) -> tuple[list[dict[str, Any]], int]:
+        """The rows recorded from byte ``offset`` (this run's start by default), as held in memory
+        (``_kept``), and the offset after the last whole line."""
+        offset = self._start if offset is None else offset
+        if not self._metrics_path.is_file():
+            return [], offset
+        with self._metrics_path.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1
+        return [_kept(json.loads(line)) for line in data[:end].splitlines() if line.strip()], offset + end
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """Every row of this run (read from metrics.jsonl)."""
+        return self.read_rows()[0]
+
+    def end_offset(self) -> int:
+        return self._metrics_path.stat().st_size if self._metrics_path.is_file() else 0
 
     def latest_checkpoint(self) -> tuple[int, ArrayRecord] | None:
         """The last round checkpointed in this run folder, for resuming after a crash."""
@@ -77,7 +104,8 @@ class RunRecorder:
     def metrics(self, round_: int, phase: str, site: str, values: dict[str, float], split: str = "") -> None:
         row = {"round": round_, "phase": phase, "split": split, "site": site, "time": round(time.time(), 3)}
         row.update({k: _clean(float(v)) for k, v in values.items()})
-        self.rows.append(_kept(row))
+        if site == "global":
+            self.pooled.append(_kept(row))
         with self._metrics_path.open("a") as fh:  # append-only log, one JSON object a line
             fh.write(json.dumps(row) + "\n")
 
@@ -98,16 +126,19 @@ class RunRecorder:
         path = self.run_dir / "checkpoints" / f"round_{round_:04d}.pt"
         return ArrayRecord(torch.load(path, map_location="cpu", weights_only=True))
 
-    def select(self, *, phase: str, split: str = "", site: str | None = None) -> list[dict[str, Any]]:
-        return [
-            r for r in self.rows if r["phase"] == phase and r["split"] == split and (site is None or r["site"] == site)
-        ]
+    def select(self, *, phase: str, split: str = "", site: str | None = None,
+               rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Rows of one phase/split (and site); the pooled ones come from memory, the others from the file."""
+        if rows is None:
+            rows = self.pooled if site == "global" else self.rows
+        return [r for r in rows if r["phase"] == phase and r["split"] == split and (site is None or r["site"] == site)]
 
     def finish(self, arrays: ArrayRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Final model, model card, summary (JSON + Markdown) and the AUC-per-round plot."""
         save_state(self.run_dir / "final_model.pt", arrays)
-        test_rows = self.select(phase="evaluate", split="test")
-        train_rows = self.select(phase="train")
+        rows = self.rows
+        test_rows = self.select(phase="evaluate", split="test", rows=rows)
+        train_rows = self.select(phase="train", rows=rows)
         sites = sorted({r["site"] for r in test_rows if r["site"] != "global"})
         per_site = {}
         for s in sites:
@@ -130,7 +161,7 @@ class RunRecorder:
             "rounds": self.cfg.rounds,
             # a site's own policy can switch DP on even when the run did not ask for it
             "privacy": {"enabled": self.cfg.privacy.enabled or any(r.get("dp") for r in train_rows),
-                        "line": dp_line(self.rows, self.events)},
+                        "line": dp_line(rows, self.events)},
             "val_auc_by_round": val_auc,
             "test_global": {m: pooled.get(m) for m in METRIC_NAMES},
             # threshold chosen on validation (server.operating_point); AUC pooled from score histograms
@@ -141,7 +172,7 @@ class RunRecorder:
         }
         summary.update(extra or {})
         # from federated-pretrained weights: per site, pretraining + this run's epsilon (shared.provenance)
-        summary["privacy_composition"] = compose_privacy(provenance(self.cfg.model.pretrained_path), finetune_privacy(self.rows))
+        summary["privacy_composition"] = compose_privacy(provenance(self.cfg.model.pretrained_path), finetune_privacy(rows))
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         card = {
             "model": self.cfg.model.name,
@@ -159,19 +190,20 @@ class RunRecorder:
         }
         atomic_write_text(self.run_dir / "model_card.json", json.dumps(card, indent=2))
         atomic_write_text(self.run_dir / "summary.md", render_summary(summary))
-        self.plot()
+        self.plot(rows)
         return summary
 
-    def plot(self) -> None:
+    def plot(self, rows: list[dict[str, Any]] | None = None) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        for site in sorted({r["site"] for r in self.select(phase="evaluate", split="val")}):
-            rows = self.select(phase="evaluate", split="val", site=site)
-            ax.plot([r["round"] for r in rows], [r.get("auc") for r in rows], marker="o",
+        val = self.select(phase="evaluate", split="val", rows=self.rows if rows is None else rows)
+        for site in sorted({r["site"] for r in val}):
+            points = [r for r in val if r["site"] == site]
+            ax.plot([r["round"] for r in points], [r.get("auc") for r in points], marker="o",
                     label=site, linewidth=2.5 if site == "global" else 1)
         ax.set_xlabel("round")
         ax.set_ylabel("validation AUC")

@@ -43,7 +43,8 @@ class RunHooks:
             self.local = local_keys(build_screener(cfg), cfg.strategy.local_params)
         self.rejections = RejectionTracker(cfg.strategy.exclude_after_rejections)
         self.excluded_path = run_dir / "checkpoints" / "excluded.json"
-        self.board = RunBoard(run_dir, start=len(recorder.rows))
+        self.board = RunBoard(run_dir)
+        self._board_offset = recorder.end_offset()  # a resumed run does not write its old rows twice
 
     def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
         """The part of the global model that travels."""
@@ -79,9 +80,13 @@ class RunHooks:
         if self.excluded_path.is_file():
             self.rejections.excluded |= {int(n) for n in json.loads(self.excluded_path.read_text())}
 
+    def _board_rows(self) -> None:
+        rows, self._board_offset = self.recorder.read_rows(self._board_offset)
+        self.board.write(rows)
+
     def round_done(self) -> None:
-        self.board.write(self.recorder.rows)
+        self._board_rows()
 
     def close(self) -> None:
-        self.board.write(self.recorder.rows)
+        self._board_rows()
         self.board.close()

@@ -50,23 +50,21 @@ class RunBoard:
     sites, and a file read while the run goes on always ends on a whole round.
     """
 
-    def __init__(self, run_dir: Path, start: int = 0) -> None:
+    def __init__(self, run_dir: Path) -> None:
         self.root = run_dir / TB_DIRNAME
         self.name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.fedmsk"
-        self.done = start  # rows already written (a resumed run does not write them twice)
 
     def _path(self, site: str) -> Path:
         return self.root / re.sub(r"[^A-Za-z0-9_.-]", "_", site) / self.name
 
     def write(self, rows: list[dict[str, Any]]) -> int:
-        """Append rows[self.done:] to their sites' files; returns how many scalars were written."""
+        """Append these (new) rows to their sites' files; returns how many scalars were written."""
         by_site: dict[str, list[event_pb2.Event]] = {}
-        for row in rows[self.done:]:
+        for row in rows:
             events = by_site.setdefault(str(row["site"]), [])
             for tag, value in scalar_tags(row).items():
                 events.append(event_pb2.Event(wall_time=row.get("time") or time.time(), step=int(row["round"]),
                                               summary=scalar(tag, value)))
-        self.done = len(rows)
         for site, events in by_site.items():
             path = self._path(site)
             new = not path.is_file()

@@ -20,7 +20,7 @@ from server.gateway import render_config
 from server.launch import check_app, overrides_config
 from server.provision import Consortium, ProvisionError
 from shared.config import ConfigError, load_site_file
-from deploy_helpers import write_toy_app
+from deploy_helpers import REPO, write_toy_app
 
 
 @pytest.fixture()
@@ -205,6 +205,18 @@ def test_a_warm_clientapp_forgets_preloaded_modules_the_approved_build_does_not_
     # one package's file differs, the other is missing from the build: both are imported from the build
     assert warm.drop_stale_modules(fab({"fakepkg/mod.py": changed})) == ["fakepkg", "otherpkg"]
     assert not {"fakepkg", "fakepkg.mod", "otherpkg", "otherpkg.mod"} & set(sys.modules)
+
+
+def test_the_warm_fork_server_holds_opacus_and_leaves_logging_alone():
+    """A DP message forked from the warm process finds Opacus and fedmsk's samplers imported (0.6 s of
+    CPU a message otherwise); Opacus' own logging.basicConfig does not stay behind to print every
+    line twice."""
+    probe = ("import logging, sys; import client.warm as w; w.preload(); "
+             "from opacus.grad_sample import GradSampleModule; from shared.models.blocks import LearnedScale; "
+             "print(sorted(m for m in ('opacus', 'client.grad_samplers', 'torch') if m in sys.modules), "
+             "LearnedScale in GradSampleModule.GRAD_SAMPLERS, len(logging.getLogger().handlers))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert out.stdout.split("\n")[-2] == "['client.grad_samplers', 'opacus', 'torch'] True 0", out.stdout + out.stderr[-2000:]
 
 
 def test_the_site_supernode_polls_and_heartbeats_at_fedmsks_intervals(monkeypatch):

@@ -119,9 +119,8 @@ def test_tensorboard_keeps_nothing_open_and_one_file_per_site_holds_every_round(
 
     threads = threading.active_count()
     board = RunBoard(tmp_path)
-    rows = []
     for rnd in (1, 2, 3):
-        rows += [{"round": rnd, "phase": "train", "split": "", "site": f"site_{i}", "time": 1.0 + rnd, "train_loss": rnd + i / 10}
+        rows = [{"round": rnd, "phase": "train", "split": "", "site": f"site_{i}", "time": 1.0 + rnd, "train_loss": rnd + i / 10}
                  for i in range(40)]
         board.write(rows)
         assert threading.active_count() == threads  # no writer thread a site (SummaryWriter had one)
@@ -133,14 +132,28 @@ def test_tensorboard_keeps_nothing_open_and_one_file_per_site_holds_every_round(
         assert [(e.step, round(e.value, 4)) for e in acc.Scalars("train/train_loss")] == [(r, round(r + i / 10, 4)) for r in (1, 2, 3)]
 
 
-def test_the_recorder_keeps_histogram_bins_in_the_file_not_in_memory(tmp_path):
+def test_the_recorder_keeps_site_rows_and_histogram_bins_in_the_file_not_in_memory(tmp_path):
     import json
 
     from server.report import RunRecorder
 
-    rec = RunRecorder(tmp_path, compose(["num_sites=2"]))
-    rec.metrics(1, "evaluate", "site_a", {"auc": 0.7, "num-examples": 9, "hist_neg_00": 3, "hist_pos_00": 1}, split="val")
-    assert rec.rows[0]["auc"] == 0.7 and not any(k.startswith("hist_") for k in rec.rows[0])
-    on_disk = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert on_disk["hist_neg_00"] == 3 and on_disk["hist_pos_00"] == 1  # the ROC of `fedmsk report` reads them there
-
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 9, "phase": "train", "split": "", "site": "old"}) + "\n")
+    cfg = compose(["num_sites=2"])
+    rec = RunRecorder(tmp_path, cfg)
+    for rnd in (1, 2):
+        rec.metrics(rnd, "evaluate", "site_a", {"auc": 0.7, "num-examples": 9, "hist_neg_00": 3, "hist_pos_00": 1}, split="val")
+        rec.metrics(rnd, "evaluate", "global", {"auc": 0.6 + rnd / 10, "hist_neg_00": 3}, split="val")
+    # in memory: the pooled rows only, without their bins (a site's rows grew the coordinator every round)
+    assert [r["auc"] for r in rec.pooled] == [0.7, 0.8] and not any(k.startswith("hist_") for k in rec.pooled[0])
+    assert "site_a" not in repr(vars(rec))
+    # read back from the file: this run's rows (not the earlier run's "old"), without bins
+    assert [(r["round"], r["site"]) for r in rec.rows] == [(1, "site_a"), (1, "global"), (2, "site_a"), (2, "global")]
+    assert not any(k.startswith("hist_") for r in rec.rows for k in r)
+    assert [r["round"] for r in rec.select(phase="evaluate", split="val", site="site_a")] == [1, 2]
+    on_disk = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert on_disk[1]["hist_neg_00"] == 3 and on_disk[1]["hist_pos_00"] == 1  # the ROC of `fedmsk report` reads them there
+    # a resumed run reads everything the folder recorded, and its pooled rows are back in memory
+    resumed = RunRecorder(tmp_path, compose(["num_sites=2", "resume=true"]))
+    assert [r["site"] for r in resumed.rows][:2] == ["old", "site_a"] and [r["auc"] for r in resumed.pooled] == [0.7, 0.8]
+    rows, end = resumed.read_rows(resumed.end_offset())
+    assert rows == [] and end == resumed.end_offset()
