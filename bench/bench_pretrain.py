@@ -21,13 +21,15 @@ fine-tuned, 100 % labels, same DP setting).
 
     python bench/bench_pretrain.py [--arms random,public,ssl,crossmodal] [--finetune all,heads]
         [--fractions 0.1,0.25,1] [--epsilons none,8] [--seeds 0,1,2] [--out runs/bench-pretrain]
-        [--task sarcopenia|osteoporosis_chest|osteoporosis_hand] [--mix image:1.5:0.7]
+        [--task sarcopenia|osteoporosis_chest|osteoporosis_hand] [--mix image:1.5:0.7] [--unlabelled K]
 
 ``--task`` writes that task's synthetic federation (simulation.generators) and trains its model (TASKS:
 wavelet_fusion for the chest task, segclass for the hand task; JSON bench/results/bench_pretrain_<task>.json).
 ``--mix NAME:IMAGE:CLINICAL`` runs the grid on another generator mix (``synth.image_signal`` /
 ``synth.clinical_signal``, as bench/bench_quality.py's mixes; the public hospitals follow the same mix), into
 bench/results/bench_pretrain[_<task>]_mix-<NAME>.json; without it the generator's defaults (1:1).
+``--unlabelled K`` gives each site K unlabelled patients per labelled one (the labelled cohort keeps the
+generator's size; pretraining sees all, fine-tuning and val/test only the labelled), into ``..._unlabelled-K.json``.
 
 Each finished cell is appended to bench/results/bench_pretrain.json at once (a partial grid is a
 result); a rerun skips the cells already there.
@@ -73,6 +75,16 @@ def set_mix(mix: str) -> str:
     FEDERATION[:] = [o for o in FEDERATION if not o.startswith(("synth.image_signal=", "synth.clinical_signal="))] + [
         f"synth.image_signal={image_w}", f"synth.clinical_signal={clinical_w}"]
     return name
+
+
+def set_unlabelled(k: int) -> str:
+    """Each site also holds ``k`` unlabelled patients per labelled one (``synth.unlabelled_fraction``), as
+    hospitals do: pretraining sees them, supervised training and val/test do not (shared.sitedata.site_splits).
+    Returns the JSON stem's suffix."""
+    base = compose(FEDERATION).synth.patients_per_site
+    FEDERATION[:] = [o for o in FEDERATION if not o.startswith(("synth.patients_per_site=", "synth.unlabelled_fraction="))] + [
+        f"synth.patients_per_site=[{','.join(str(n * (1 + k)) for n in base)}]", f"synth.unlabelled_fraction={k / (1 + k)}"]
+    return f"_unlabelled-{k}"
 
 
 def set_task(name: str) -> None:
@@ -264,9 +276,11 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.1,0.25,1")
     ap.add_argument("--epsilons", default="none,8")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--out", default="runs/bench-pretrain")
+    ap.add_argument("--out", default=None, help="work folder (encoders are reused from it; default runs/<json stem>)")
     ap.add_argument("--task", default="sarcopenia", choices=sorted(TASKS), help="the task (and its model)")
     ap.add_argument("--mix", default=None, help="NAME:IMAGE:CLINICAL generator signal weights (default: the generator's 1:1)")
+    ap.add_argument("--unlabelled", type=int, default=0, metavar="K",
+                    help="each site holds K unlabelled patients per labelled one (pretraining uses them); default none")
     ap.add_argument("--json", default=None, help="where the cells go (default bench/results/bench_pretrain[_<task>].json)")
     ap.add_argument("--table-only", action="store_true", help="re-render the table from the JSON")
     args = ap.parse_args()
@@ -277,6 +291,8 @@ def main() -> None:
     stem = "bench_pretrain" if args.task == "sarcopenia" else f"bench_pretrain_{args.task}"
     if args.mix:
         stem += f"_mix-{set_mix(args.mix)}"
+    if args.unlabelled:
+        stem += set_unlabelled(args.unlabelled)
     path = Path(args.json or RESULTS / f"{stem}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     report = json.loads(path.read_text()) if path.exists() else {}
@@ -285,8 +301,10 @@ def main() -> None:
     report["task"] = args.task
     if args.mix:
         report["mix"] = args.mix
+    if args.unlabelled:
+        report["unlabelled_per_labelled"] = args.unlabelled
     if not args.table_only:
-        grid(Path(args.out).resolve(), args.arms.split(","), args.finetune.split(","),
+        grid(Path(args.out or f"runs/{stem}").resolve(), args.arms.split(","), args.finetune.split(","),
              [float(f) for f in args.fractions.split(",")], [None if e == "none" else float(e) for e in args.epsilons.split(",")],
              [int(s) for s in args.seeds.split(",")], path, report, console)
     if report.get("cells"):
