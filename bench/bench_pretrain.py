@@ -102,7 +102,10 @@ PRETRAIN_ROUNDS = ["rounds=3"]
 # against the public image bank (shared.ssl)
 OBJECTIVES = {"ssl": ["pretrain=ssl"], "ssl-simsiam": ["pretrain=ssl", "pretrain.public_variance=0"],
               "ssl-public": ["pretrain=ssl", "pretrain.ssl_loss=public", "pretrain.public_variance=0"],
-              "crossmodal": ["pretrain=crossmodal"]}
+              "crossmodal": ["pretrain=crossmodal"],
+              # the variance weight chosen under DP on tuning federations with 4 unlabelled patients per labelled one
+              # (bench_pretrain_tune.py --unlabelled 4 --weights 0.3,1,3,10 --epsilons 8)
+              "ssl-var3": ["pretrain=ssl", "pretrain.public_variance=3"]}
 
 
 def write_sites(root: Path, seed: int) -> Path:
@@ -251,7 +254,7 @@ def table(cells: list[dict]) -> str:
     head = " | ".join(f"{f:.0%} labels" for f in fractions)
     lines = [f"| init | trained | DP | {head} | 10 % / full-label ref. | seeds | eps (pretrain + fine-tune, max) |",
              "|---|---|---|" + "---|" * len(fractions) + "---|---|---|"]
-    order = {"random": 0, "public": 1, "ssl": 2, "ssl-simsiam": 3, "ssl-public": 4, "crossmodal": 5}
+    order = {"random": 0, "public": 1, "ssl": 2, "ssl-var3": 3, "ssl-simsiam": 4, "ssl-public": 5, "crossmodal": 6}
     rows = sorted({k[:3] for k in groups}, key=lambda k: (k[2] is not None, order.get(k[0], 9), k[1]))
     for arm, finetune, eps in rows:
         cols = [_mean_sd([c["test_auc"] for c in groups[(arm, finetune, eps, f)]]) if (arm, finetune, eps, f) in groups else "-"

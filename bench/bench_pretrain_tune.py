@@ -11,7 +11,7 @@ mean validation AUC over the tuning seeds; hyperparameters used under DP are cho
 tuning federations' test AUC is recorded beside it but not used.
 
     python bench/bench_pretrain_tune.py [--weights 0,0.03,0.1,0.3,1] [--epsilons none,8] [--seeds 100,101]
-        [--json bench/results/bench_pretrain_tune.json] [--out runs/bench-pretrain-tune]
+        [--json bench/results/bench_pretrain_tune.json] [--out runs/bench_pretrain_tune] [--unlabelled K]
 
 Each finished run is appended to the JSON at once; a rerun skips what is there (two processes may run
 disjoint --epsilons into different --json files; --merge A,B joins them and re-renders the table).
@@ -124,8 +124,10 @@ def main() -> None:
     ap.add_argument("--weights", default="0,0.03,0.1,0.3,1")
     ap.add_argument("--epsilons", default="none,8")
     ap.add_argument("--seeds", default="100,101")
-    ap.add_argument("--out", default="runs/bench-pretrain-tune")
-    ap.add_argument("--json", default=str(RESULTS / "bench_pretrain_tune.json"))
+    ap.add_argument("--out", default=None, help="default runs/<json stem>")
+    ap.add_argument("--json", default=None, help="default bench/results/bench_pretrain_tune[_unlabelled-K].json")
+    ap.add_argument("--unlabelled", type=int, default=0, metavar="K",
+                    help="sites hold K unlabelled patients per labelled one (bench_pretrain.py --unlabelled)")
     ap.add_argument("--merge", default="", help="comma-separated JSON files whose runs join --json's")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -134,7 +136,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     if GRID_SEEDS & set(seeds):
         raise SystemExit(f"--seeds {args.seeds}: seeds {sorted(GRID_SEEDS)} are the label-efficiency grid's; tune elsewhere")
-    path = Path(args.json)
+    stem = "bench_pretrain_tune" + (bp.set_unlabelled(args.unlabelled) if args.unlabelled else "")
+    path = Path(args.json or RESULTS / f"{stem}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     report = json.loads(path.read_text()) if path.exists() else {}
     runs = report.setdefault("runs", [])
@@ -143,9 +146,11 @@ def main() -> None:
         runs += [r for r in json.loads(Path(other).read_text())["runs"] if (r["weight"], r["epsilon"], r["seed"]) not in have]
     report["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "threads": 1}
     report["federation"] = bp.FEDERATION + bp.MODEL
+    if args.unlabelled:
+        report["unlabelled_per_labelled"] = args.unlabelled
     report["protocol"] = (f"pretrain=ssl public_variance=W ({bp.PRETRAIN_ROUNDS[0]}; DP: {bp.PRETRAIN_DP[0]}), then fine-tune "
                           f"model.finetune=all at task.label_fraction={FRACTION} (DP: privacy=eps8); chosen by pooled val AUC")
-    out = Path(args.out).resolve()
+    out = Path(args.out or f"runs/{stem}").resolve()
     if not args.merge:
         for eps in [None if e == "none" else float(e) for e in args.epsilons.split(",")]:
             for seed in seeds:
