@@ -105,7 +105,11 @@ OBJECTIVES = {"ssl": ["pretrain=ssl"], "ssl-simsiam": ["pretrain=ssl", "pretrain
               "crossmodal": ["pretrain=crossmodal"],
               # the variance weight chosen under DP on tuning federations with 4 unlabelled patients per labelled one
               # (bench_pretrain_tune.py --unlabelled 4 --weights 0.3,1,3,10 --epsilons 8)
-              "ssl-var3": ["pretrain=ssl", "pretrain.public_variance=3"]}
+              "ssl-var3": ["pretrain=ssl", "pretrain.public_variance=3"],
+              # DP-SGD's lr for pretraining chosen under DP on the same tuning federations (lr 0.01 / 0.03 / the
+              # preset's 0.1): at 0.1 the noise random-walks the weights of the convolutions that a normalisation
+              # follows (no gradient restores their scale) and the feature maps grow 30-100,000x
+              "ssl-lr0.03": ["pretrain=ssl", "privacy.lr=0.03"]}
 
 
 def write_sites(root: Path, seed: int) -> Path:
@@ -254,7 +258,7 @@ def table(cells: list[dict]) -> str:
     head = " | ".join(f"{f:.0%} labels" for f in fractions)
     lines = [f"| init | trained | DP | {head} | 10 % / full-label ref. | seeds | eps (pretrain + fine-tune, max) |",
              "|---|---|---|" + "---|" * len(fractions) + "---|---|---|"]
-    order = {"random": 0, "public": 1, "ssl": 2, "ssl-var3": 3, "ssl-simsiam": 4, "ssl-public": 5, "crossmodal": 6}
+    order = {"random": 0, "public": 1, "ssl": 2, "ssl-var3": 3, "ssl-lr0.03": 4, "ssl-simsiam": 5, "ssl-public": 6, "crossmodal": 7}
     rows = sorted({k[:3] for k in groups}, key=lambda k: (k[2] is not None, order.get(k[0], 9), k[1]))
     for arm, finetune, eps in rows:
         cols = [_mean_sd([c["test_auc"] for c in groups[(arm, finetune, eps, f)]]) if (arm, finetune, eps, f) in groups else "-"
