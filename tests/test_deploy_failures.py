@@ -48,6 +48,28 @@ def test_join_reads_only_this_starts_log(tmp_path):
     assert "could not connect" in reason and "refused this site's key" not in reason, reason
 
 
+def test_a_second_join_from_one_bundle_is_refused_until_the_first_stops(tmp_path):
+    """Two SuperNodes of one site would share its state folder (the Runtime API secret, the logs)."""
+    from server.provision import Consortium
+    from shared.config import ConfigError
+
+    c = Consortium(tmp_path / "c")
+    c.init(f"127.0.0.1:{free_port()}")  # nobody listens there
+    bundle = c.add_site("site_a")
+    (bundle / "site.yaml").write_text(re.sub(r"(?m)^data_dir:.*$", f"data_dir: {tmp_path}", (bundle / "site.yaml").read_text()))
+    (tmp_path / "clinical.csv").write_text("patient_id\n")
+    first = SiteNode(load_join(bundle), runtime_port=free_port(), max_retries=0, intervals=COLD).start()
+    try:
+        secret = (bundle / "state" / "superexec.secret").read_bytes()
+        with pytest.raises(ConfigError, match=rf"site 'site_a' is already joined from .*state \(pid {os.getpid()}\)"):
+            SiteNode(load_join(bundle), runtime_port=free_port(), max_retries=0, intervals=COLD).start()
+        assert (bundle / "state" / "superexec.secret").read_bytes() == secret  # the running one's secret is untouched
+    finally:
+        first.stop()
+    again = SiteNode(load_join(bundle), runtime_port=free_port(), max_retries=0, intervals=COLD).start()  # the lock went with stop()
+    again.stop()
+
+
 def test_a_run_in_which_every_site_refuses_fails_and_names_the_sites(fed, tmp_path, capsys):
     # The bundles' own policy turns DP on at every site; a batch-coupled aux loss cannot be trained
     # under DP-SGD, so each site refuses round 1 (named explicitly: the default aux loss may change).
