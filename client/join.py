@@ -241,7 +241,6 @@ class SiteNode:
         return env
 
     def start(self) -> "SiteNode":
-        s = self.settings
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         try:

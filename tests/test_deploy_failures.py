@@ -27,8 +27,8 @@ def fed(deploy_consortium):
     return deploy_consortium
 
 
-def test_join_reads_only_this_starts_log(tmp_path):
-    """An earlier start's cause (a refused key, in the appended log) is not this start's."""
+def _unreachable_bundle(tmp_path):
+    """A site bundle of a consortium whose server nobody runs (an empty clinical.csv as its data)."""
     from server.provision import Consortium
 
     c = Consortium(tmp_path / "c")
@@ -36,6 +36,12 @@ def test_join_reads_only_this_starts_log(tmp_path):
     bundle = c.add_site("site_a")
     (bundle / "site.yaml").write_text(re.sub(r"(?m)^data_dir:.*$", f"data_dir: {tmp_path}", (bundle / "site.yaml").read_text()))
     (tmp_path / "clinical.csv").write_text("patient_id\n")
+    return bundle
+
+
+def test_join_reads_only_this_starts_log(tmp_path):
+    """An earlier start's cause (a refused key, in the appended log) is not this start's."""
+    bundle = _unreachable_bundle(tmp_path)
     logs = bundle / "state" / "logs"
     logs.mkdir(parents=True)
     (logs / "supernode.log").write_text("ERROR: SuperNode refused [code: 2004]\nExit Code: 2004\n")  # yesterday's start
@@ -50,14 +56,9 @@ def test_join_reads_only_this_starts_log(tmp_path):
 
 def test_a_second_join_from_one_bundle_is_refused_until_the_first_stops(tmp_path):
     """Two SuperNodes of one site would share its state folder (the Runtime API secret, the logs)."""
-    from server.provision import Consortium
     from shared.config import ConfigError
 
-    c = Consortium(tmp_path / "c")
-    c.init(f"127.0.0.1:{free_port()}")  # nobody listens there
-    bundle = c.add_site("site_a")
-    (bundle / "site.yaml").write_text(re.sub(r"(?m)^data_dir:.*$", f"data_dir: {tmp_path}", (bundle / "site.yaml").read_text()))
-    (tmp_path / "clinical.csv").write_text("patient_id\n")
+    bundle = _unreachable_bundle(tmp_path)
     first = SiteNode(load_join(bundle), runtime_port=free_port(), max_retries=0, intervals=COLD).start()
     try:
         secret = (bundle / "state" / "superexec.secret").read_bytes()
