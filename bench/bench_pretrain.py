@@ -109,7 +109,11 @@ OBJECTIVES = {"ssl": ["pretrain=ssl"], "ssl-simsiam": ["pretrain=ssl", "pretrain
               # DP-SGD's lr for pretraining chosen under DP on the same tuning federations (lr 0.01 / 0.03 / the
               # preset's 0.1): at 0.1 the noise random-walks the weights of the convolutions that a normalisation
               # follows (no gradient restores their scale) and the feature maps grow 30-100,000x
-              "ssl-lr0.03": ["pretrain=ssl", "privacy.lr=0.03"]}
+              "ssl-lr0.03": ["pretrain=ssl", "privacy.lr=0.03"], "ssl-lr0.01": ["pretrain=ssl", "privacy.lr=0.01"],
+              # continued pretraining: the public encoder (the `public` arm's) adapted by federated SSL on the sites'
+              # own patients under DP, at the lower lr so the noise does not walk it away from the public weights
+              "public+ssl": ["pretrain=ssl", "privacy.lr=0.01"]}
+START_FROM_PUBLIC = {"public+ssl"}  # arms whose federated pretraining starts from the public encoder
 
 
 def write_sites(root: Path, seed: int) -> Path:
@@ -181,7 +185,7 @@ def public_encoder(out: Path) -> tuple[Path, float]:
     return weights, 0.0
 
 
-def federated_encoder(out: Path, objective: str, seed: int, dp: bool) -> tuple[Path, float]:
+def federated_encoder(out: Path, objective: str, seed: int, dp: bool, start: list[str] = ()) -> tuple[Path, float]:
     """`fedmsk pretrain` (OBJECTIVES[objective]) on this seed's federation, labels unused; under DP at eps 4."""
     from client.site import list_sites
     from simulation.pretrain_fed import run_federated_pretrain
@@ -195,7 +199,7 @@ def federated_encoder(out: Path, objective: str, seed: int, dp: bool) -> tuple[P
     data = _fresh(write_sites(out, seed), work / "data")
     # ssl's public_variance comes from its preset, which picks the weight tuned for this DP setting
     # (bench/bench_pretrain_tune.py; PRETRAIN_DP turns privacy on)
-    cfg = compose(FEDERATION + MODEL + PRETRAIN_ROUNDS + OBJECTIVES[objective] + [f"seed={seed}", f"data_root={data}",
+    cfg = compose(FEDERATION + MODEL + PRETRAIN_ROUNDS + OBJECTIVES[objective] + [*start, f"seed={seed}", f"data_root={data}",
                                                                                  f"run_dir={work / 'run'}", *(PRETRAIN_DP if dp else [])])
     folders = list_sites(cfg.data_root)
     weights = run_federated_pretrain(cfg, InProcessGrid({100 + i: {"partition-id": i} for i in range(len(folders))}),
@@ -210,7 +214,8 @@ def encoder(out: Path, arm: str, seed: int, dp: bool) -> tuple[Path | None, floa
         return None, 0.0
     if arm == "public":
         return public_encoder(out)
-    return federated_encoder(out, arm, seed, dp)
+    start = [f"model.pretrained_path={public_encoder(out)[0]}"] if arm in START_FROM_PUBLIC else []
+    return federated_encoder(out, arm, seed, dp, start)
 
 
 def grid(out: Path, arms: list[str], finetunes: list[str], fractions: list[float], epsilons: list[float | None],
@@ -258,7 +263,8 @@ def table(cells: list[dict]) -> str:
     head = " | ".join(f"{f:.0%} labels" for f in fractions)
     lines = [f"| init | trained | DP | {head} | 10 % / full-label ref. | seeds | eps (pretrain + fine-tune, max) |",
              "|---|---|---|" + "---|" * len(fractions) + "---|---|---|"]
-    order = {"random": 0, "public": 1, "ssl": 2, "ssl-var3": 3, "ssl-lr0.03": 4, "ssl-simsiam": 5, "ssl-public": 6, "crossmodal": 7}
+    order = {"random": 0, "public": 1, "public+ssl": 2, "ssl": 3, "ssl-var3": 4, "ssl-lr0.03": 5, "ssl-lr0.01": 6,
+             "ssl-simsiam": 7, "ssl-public": 8, "crossmodal": 9}
     rows = sorted({k[:3] for k in groups}, key=lambda k: (k[2] is not None, order.get(k[0], 9), k[1]))
     for arm, finetune, eps in rows:
         cols = [_mean_sd([c["test_auc"] for c in groups[(arm, finetune, eps, f)]]) if (arm, finetune, eps, f) in groups else "-"

@@ -14,7 +14,11 @@ then fine-tunes under ``privacy=eps8`` at 10 % and at 100 % of the labels and sc
 **validation** patients (test beside, not used). The chosen lr is the one with the best mean validation AUC
 at 10 % labels (the grid's question), chosen with DP on.
 
-    python bench/bench_pretrain_lr.py [--lrs 0.01,0.03,0.1] [--seeds 100,101] [--unlabelled 4]
+``--batches`` adds DP-SGD's batch size to the grid (``privacy.batch_size``, the presets' 32 by default). At one
+epsilon a larger batch draws a larger noise multiplier, but the noise on the *mean* gradient (sigma * C / B)
+falls, and each step averages more patients' clipped gradients: more signal per step, fewer steps.
+
+    python bench/bench_pretrain_lr.py [--lrs 0.01,0.03,0.1] [--batches 32,128] [--seeds 100,101] [--unlabelled 4]
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import bench_pretrain_tune as bt
 from shared.config import compose
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PRESET_BATCH = 32  # configs/privacy/eps*.yaml's privacy.batch_size (rows written before --batches existed used it)
 
 
 def feature_scale(weights: Path, sites: Path, seed: int) -> float:
@@ -57,15 +62,16 @@ def feature_scale(weights: Path, sites: Path, seed: int) -> float:
     return seen["max"]
 
 
-def pretrain(out: Path, seed: int, lr: float) -> tuple[Path, float]:
+def pretrain(out: Path, seed: int, lr: float, batch: int) -> tuple[Path, float]:
     from client.site import list_sites
     from simulation.pretrain_fed import run_federated_pretrain
     from tests.inprocess_grid import InProcessGrid
 
-    work = out / f"lr{lr:g}-seed{seed}"
+    work = out / (f"lr{lr:g}-seed{seed}" if batch == PRESET_BATCH else f"lr{lr:g}-b{batch}-seed{seed}")
     data = bp._fresh(bp.write_sites(out, seed), work / "data")
     cfg = compose(bp.FEDERATION + bp.MODEL + bp.PRETRAIN_ROUNDS + ["pretrain=ssl", f"seed={seed}", f"data_root={data}",
-                                                                   f"run_dir={work / 'run'}", *bp.PRETRAIN_DP, f"privacy.lr={lr}"])
+                                                                   f"run_dir={work / 'run'}", *bp.PRETRAIN_DP, f"privacy.lr={lr}",
+                                                                   f"privacy.batch_size={batch}"])
     folders = list_sites(cfg.data_root)
     start = time.perf_counter()
     weights = run_federated_pretrain(cfg, InProcessGrid({100 + i: {"partition-id": i} for i in range(len(folders))}),
@@ -76,6 +82,9 @@ def pretrain(out: Path, seed: int, lr: float) -> tuple[Path, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lrs", default="0.01,0.03,0.1")
+    ap.add_argument("--batches", default=str(PRESET_BATCH),
+                    help="DP-SGD batch sizes for pretraining (the same epsilon: a larger batch gets more noise per step, "
+                         "less per patient)")
     ap.add_argument("--seeds", default="100,101")
     ap.add_argument("--unlabelled", type=int, default=4, metavar="K", help="bench_pretrain.py --unlabelled (0: none)")
     ap.add_argument("--json", default=None, help="default bench/results/bench_pretrain_lr[_unlabelled-K].json")
@@ -95,12 +104,15 @@ def main() -> None:
                   protocol=f"pretrain=ssl under {bp.PRETRAIN_DP[0]} with privacy.lr=LR; fine-tune model.finetune=all under "
                            "privacy=eps8 at 10 % and 100 % labels; chosen by pooled val AUC at 10 %")
     out = Path(f"runs/{stem}").resolve()
+    for r in runs:
+        r.setdefault("batch", PRESET_BATCH)
+    arms = [(float(lr), int(b)) for b in args.batches.split(",") for lr in args.lrs.split(",")]
     for seed in seeds:
-        for lr in [float(x) for x in args.lrs.split(",")]:
-            if any((r["lr"], r["seed"]) == (lr, seed) for r in runs):
+        for lr, batch in arms:
+            if any((r["lr"], r["batch"], r["seed"]) == (lr, batch, seed) for r in runs):
                 continue
-            weights, seconds = pretrain(out, seed, lr)
-            row = {"lr": lr, "seed": seed, "pretrain_seconds": seconds,
+            weights, seconds = pretrain(out, seed, lr, batch)
+            row = {"lr": lr, "batch": batch, "seed": seed, "pretrain_seconds": seconds,
                    "feature_max": feature_scale(weights, bp.write_sites(out, seed), seed)}
             for fraction in (0.1, 1.0):
                 bt.FRACTION = fraction
@@ -108,24 +120,26 @@ def main() -> None:
                 row[f"val_auc_{fraction:g}"], row[f"test_auc_{fraction:g}"] = res["val_auc"], res["test_auc"]
             runs.append(row)
             path.write_text(json.dumps(report, indent=1))
-            console.print(f"  lr {lr:g} seed {seed}: feature max {row['feature_max']:.1f}; val AUC 10 % {row['val_auc_0.1']:.3f}, "
+            console.print(f"  lr {lr:g} batch {batch} seed {seed}: feature max {row['feature_max']:.1f}; val AUC 10 % {row['val_auc_0.1']:.3f}, "
                           f"100 % {row['val_auc_1']:.3f}")
-    lines = ["| DP pretraining lr | largest feature activation | val AUC, 10 % labels | val AUC, 100 % labels | seeds |",
-             "|---|---|---|---|---|"]
-    by_lr: dict[float, list[dict]] = {}
+    lines = ["| DP pretraining lr | batch | largest feature activation | val AUC, 10 % labels | val AUC, 100 % labels | seeds |",
+             "|---|---|---|---|---|---|"]
+    by_arm: dict[tuple[float, int], list[dict]] = {}
     for r in runs:
-        by_lr.setdefault(r["lr"], []).append(r)
-    best = max(by_lr, key=lambda lr: np.mean([r["val_auc_0.1"] for r in by_lr[lr]]))
-    for lr in sorted(by_lr):
-        rs = by_lr[lr]
+        by_arm.setdefault((r["lr"], r["batch"]), []).append(r)
+    # only arms run on every seed asked for compete (a half-run arm's mean is over other seeds)
+    complete = [a for a, rs in by_arm.items() if {r["seed"] for r in rs} >= set(seeds)] or list(by_arm)
+    best = max(complete, key=lambda a: np.mean([r["val_auc_0.1"] for r in by_arm[a]]))
+    for lr, batch in sorted(by_arm, key=lambda a: (a[1], a[0])):
+        rs = by_arm[(lr, batch)]
         cell = lambda key: f"{np.mean([r[key] for r in rs]):.3f} ± {bt._sd([r[key] for r in rs]):.3f}"  # noqa: E731
         scales = ", ".join(f"{r['feature_max']:.1f}" for r in rs)
-        lines.append(f"| {lr:g}{' **chosen**' if lr == best else ''} | {scales} | "
+        lines.append(f"| {lr:g}{' **chosen**' if (lr, batch) == best else ''} | {batch} | {scales} | "
                      f"{cell('val_auc_0.1')} | {cell('val_auc_1')} | {','.join(str(r['seed']) for r in rs)} |")
-    report["chosen"], report["table"] = best, "\n".join(lines)
+    report["chosen"], report["table"] = {"lr": best[0], "batch": best[1]}, "\n".join(lines)
     path.write_text(json.dumps(report, indent=1))
     console.print(report["table"])
-    console.print(f"chosen lr {best:g}; wrote {path}")
+    console.print(f"chosen lr {best[0]:g}, batch {best[1]}; wrote {path}")
 
 
 if __name__ == "__main__":

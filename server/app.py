@@ -7,6 +7,8 @@ Both call the same ``run_federation``.
 
 from __future__ import annotations
 
+import json
+import logging
 import shlex
 import time
 from pathlib import Path
@@ -48,9 +50,13 @@ def make_server_app(cfg: FedmskConfig | None = None, run_dir: Path | None = None
         recorder.finish(arrays, extra)
         if run_cfg.pretrain.objective != "none":  # a pretraining job keeps its encoders + card (`fedmsk pretrain`)
             from server.export import code_version
-            from shared.provenance import write_pretrained
+            from shared.provenance import CARD, write_pretrained
 
             write_pretrained(run_cfg, folder, arrays.to_torch_state_dict(), recorder.rows, code_version())
+            warning = json.loads((folder / CARD).read_text())["feature_scale"].get("warning")
+            if warning:  # the server log and events.jsonl say so; the weights are kept
+                recorder.event(run_cfg.rounds, "global", "warning", warning)
+                logging.getLogger(__name__).warning("pretrained encoder: %s", warning)
 
     return server_app
 

@@ -57,7 +57,7 @@ def write_pretrained(cfg: Any, run_dir: Path, state: dict[str, Any], rows: list[
     import torch
 
     from shared.atomic import atomic_write_bytes, atomic_write_text
-    from shared.ssl import objective_label, uses_image_bank
+    from shared.ssl import feature_scale, objective_label, uses_image_bank
 
     keep = ("image",) if cfg.pretrain.objective == "ssl" else ("image", "clinical")
     encoders = {k.removeprefix("net."): v.detach().cpu() for k, v in state.items() if k.split(".")[:2][-1] in keep
@@ -111,6 +111,8 @@ def write_pretrained(cfg: Any, run_dir: Path, state: dict[str, Any], rows: list[
         "task": cfg.task.name,
         "val_loss_by_round": [(r["round"], r.get("loss")) for r in rows
                               if r["phase"] == "evaluate" and r["split"] == "val" and r["site"] == "global"],
+        # the objective's loss cannot show an encoder whose feature maps DP noise inflated; this can (and warns)
+        "feature_scale": feature_scale(cfg, encoders),
         "code": code,
     }
     atomic_write_text(run_dir / CARD, json.dumps(card, indent=2))

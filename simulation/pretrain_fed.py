@@ -75,6 +75,11 @@ def run_federated_pretrain(cfg: FedmskConfig, grid: Grid | None = None, console:
         console.print(f"  {site}: {row['patients']} patients, {row['rounds_trained']} rounds, {eps}")
     losses = ", ".join(f"{r}: {v:.3f}" for r, v in card["val_loss_by_round"] if v is not None)
     console.print(f"validation loss by round: {losses}")
+    scale = card["feature_scale"]
+    console.print(f"image encoder's largest activation on public noise images: {scale['init']:.3g} at the start, "
+                  f"{scale['final']:.3g} now ({scale['ratio']:.2g}x)")
+    if "warning" in scale:
+        console.print(f"[yellow]warning[/]: {scale['warning']}")
     console.print(f"wrote {weights} ({', '.join(card['encoders'])} encoders); fine-tune from it with\n"
                   f"  model.pretrained_path={weights} [model.finetune=all|heads|norm_heads]")
     return weights

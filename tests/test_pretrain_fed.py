@@ -20,7 +20,7 @@ from client.trainer import build_screener
 from server.federation import run_federation
 from shared.config import ConfigError, compose
 from shared.provenance import compose_privacy
-from shared.ssl import uses_image_bank
+from shared.ssl import SCALE_WARN, feature_scale, uses_image_bank
 from shared.sitedata import load_site, make_datasets
 from simulation.pretrain_fed import run_federated_pretrain
 from simulation.synth import write_federation
@@ -247,6 +247,10 @@ def test_the_card_and_the_ledger_record_the_private_pretraining(dp_pretrained) -
     for s in card["sites"].values():  # pretrain.epsilon=2: this run's own share of the site's budget of 8
         assert s["dp"] and s["rounds_trained"] == 2 and 0.5 < s["epsilon"] <= 2.0 * 1.001 and s["ledger_epsilon"] >= s["epsilon"] - 1e-9
     assert [r for r, _ in card["val_loss_by_round"]] == [0, 1, 2]
+    scale = card["feature_scale"]  # from the weights and noise images alone: what the check reads
+    assert scale["init"] > 0 and scale["final"] > 0 and "no patient data" in scale["inputs"]
+    assert scale == feature_scale(compose(TINY + OBJECTIVES_DP["ssl"] + DP), torch.load(dp_pretrained["ssl"], weights_only=True))
+    assert ("warning" in scale) == (scale["ratio"] > SCALE_WARN)
     ledger = PrivacyLedger.load(dp_pretrained["root"] / "site_a")
     objectives = {plan.objective for plan in ledger.plans.values()}
     assert objectives == {"pretrain:ssl/simsiam", "pretrain:crossmodal/bank"}  # one plan per objective
@@ -300,9 +304,27 @@ def test_deployment_serverapp_runs_a_pretraining_job_from_the_run_config(sites: 
     card = json.loads((run_dir / "encoder_card.json").read_text())
     assert card["objective"] == "crossmodal" and card["encoders"] == ["clinical", "image"]
     assert all(s["patients"] > 0 and not s["dp"] for s in card["sites"].values())
+    events = (run_dir / "events.jsonl").read_text().splitlines() if (run_dir / "events.jsonl").is_file() else []
+    warned = [e["reason"] for e in map(json.loads, events) if e["event"] == "warning"]
+    assert warned == ([card["feature_scale"]["warning"]] if "warning" in card["feature_scale"] else [])
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if r["phase"] == "evaluate" and r["split"] == "val" and r["site"] == "global"]
     assert [r["round"] for r in val] == [0, 1] and all(r["loss"] > 0 for r in val)  # the objective's loss, no labels
+
+
+def test_the_scale_check_flags_an_encoder_whose_activations_grew_and_passes_one_that_did_not() -> None:
+    """What DP noise did at lr 0.1 (README "Label efficiency"): weights grew with no normalisation to bound them.
+    The objective's normalised embedding hides it; the card's feature_scale does not."""
+    cfg = compose(SMALL + ["pretrain=ssl"])
+    init = {f"image.{k}": v for k, v in build_screener(cfg).net.image.state_dict().items()}
+    same = feature_scale(cfg, init)
+    assert same["ratio"] == 1.0 and "warning" not in same
+    grown = {k: v * 20 if v.dim() > 1 else v for k, v in init.items()}  # every convolution and linear layer x20
+    flagged = feature_scale(cfg, grown)
+    assert flagged["init"] == same["init"] and flagged["ratio"] > SCALE_WARN
+    assert "grew" in flagged["warning"] and "privacy.lr" in flagged["warning"]
+    with pytest.raises(ValueError, match="do not fit"):
+        feature_scale(cfg, init | {"image.not_a_layer.weight": torch.zeros(1)})
 
 
 def test_an_encoder_file_that_does_not_fit_stops_the_run_naming_the_file(tmp_path: Path) -> None:
@@ -357,3 +379,5 @@ def test_each_task_pretrains_and_its_model_loads_the_encoder(task: str, tmp_path
             assert all(torch.equal(mine[f"{name}.{k}"], v) for k, v in enc.state_dict().items())
         seeded = build_screener(compose(small)).net.state_dict()
         assert any(not torch.equal(mine[k], seeded[k]) for k in mine if k.startswith("image."))  # the step moved it
+        scale = feature_scale(cfg, torch.load(weights, weights_only=True))  # the card's check runs on every encoder
+        assert scale["init"] > 0 and scale["final"] != scale["init"]
