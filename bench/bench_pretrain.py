@@ -112,7 +112,10 @@ OBJECTIVES = {"ssl": ["pretrain=ssl"], "ssl-simsiam": ["pretrain=ssl", "pretrain
               "ssl-lr0.03": ["pretrain=ssl", "privacy.lr=0.03"], "ssl-lr0.01": ["pretrain=ssl", "privacy.lr=0.01"],
               # continued pretraining: the public encoder (the `public` arm's) adapted by federated SSL on the sites'
               # own patients under DP, at the lower lr so the noise does not walk it away from the public weights
-              "public+ssl": ["pretrain=ssl", "privacy.lr=0.01"]}
+              "public+ssl": ["pretrain=ssl", "privacy.lr=0.01"],
+              # the batch chosen under DP with the lr on the same tuning federations (bench_pretrain_lr.py --batches
+              # 128,256): at one epsilon a larger batch has less noise on the mean gradient and takes fewer steps
+              "ssl-b256": ["pretrain=ssl", "privacy.batch_size=256"]}
 START_FROM_PUBLIC = {"public+ssl"}  # arms whose federated pretraining starts from the public encoder
 
 
@@ -214,8 +217,16 @@ def encoder(out: Path, arm: str, seed: int, dp: bool) -> tuple[Path | None, floa
         return None, 0.0
     if arm == "public":
         return public_encoder(out)
-    start = [f"model.pretrained_path={public_encoder(out)[0]}"] if arm in START_FROM_PUBLIC else []
-    return federated_encoder(out, arm, seed, dp, start)
+    if arm not in START_FROM_PUBLIC:
+        return federated_encoder(out, arm, seed, dp)
+    public = public_encoder(out)[0]
+    adapted, eps = federated_encoder(out, arm, seed, dp, [f"model.pretrained_path={public}"])
+    # the public model with its encoders replaced by the adapted ones: the heads the `public` arm fine-tunes from
+    # (trained on the public labels) stay, so the two arms differ in the encoders alone
+    merged = adapted.with_name("public-heads+" + adapted.name)
+    if not merged.is_file():
+        torch.save(torch.load(public, weights_only=True) | torch.load(adapted, weights_only=True), merged)
+    return merged, eps
 
 
 def grid(out: Path, arms: list[str], finetunes: list[str], fractions: list[float], epsilons: list[float | None],
@@ -264,7 +275,7 @@ def table(cells: list[dict]) -> str:
     lines = [f"| init | trained | DP | {head} | 10 % / full-label ref. | seeds | eps (pretrain + fine-tune, max) |",
              "|---|---|---|" + "---|" * len(fractions) + "---|---|---|"]
     order = {"random": 0, "public": 1, "public+ssl": 2, "ssl": 3, "ssl-var3": 4, "ssl-lr0.03": 5, "ssl-lr0.01": 6,
-             "ssl-simsiam": 7, "ssl-public": 8, "crossmodal": 9}
+             "ssl-b256": 7, "ssl-simsiam": 7, "ssl-public": 8, "crossmodal": 9}
     rows = sorted({k[:3] for k in groups}, key=lambda k: (k[2] is not None, order.get(k[0], 9), k[1]))
     for arm, finetune, eps in rows:
         cols = [_mean_sd([c["test_auc"] for c in groups[(arm, finetune, eps, f)]]) if (arm, finetune, eps, f) in groups else "-"

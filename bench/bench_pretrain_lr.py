@@ -12,7 +12,8 @@ For each tuning seed (default 100, 101; never the label-efficiency grid's 0, 1, 
 arm does, records the largest activation of ``image.features`` on one test batch (random init: about 3),
 then fine-tunes under ``privacy=eps8`` at 10 % and at 100 % of the labels and scores the pooled
 **validation** patients (test beside, not used). The chosen lr is the one with the best mean validation AUC
-at 10 % labels (the grid's question), chosen with DP on.
+at 10 % labels (the grid's question), chosen with DP on. The same fine-tunes from random init, on the same
+seeds, are the table's reference row (``random_init`` in the JSON): what pretraining has to beat.
 
 ``--batches`` adds DP-SGD's batch size to the grid (``privacy.batch_size``, the presets' 32 by default). At one
 epsilon a larger batch draws a larger noise multiplier, but the noise on the *mean* gradient (sigma * C / B)
@@ -106,6 +107,16 @@ def main() -> None:
     out = Path(f"runs/{stem}").resolve()
     for r in runs:
         r.setdefault("batch", PRESET_BATCH)
+    reference = report.setdefault("random_init", [])  # the same fine-tunes with no pretraining: what to beat
+    for seed in seeds:
+        if not any(r["seed"] == seed for r in reference):
+            row = {"seed": seed}
+            for fraction in (0.1, 1.0):
+                bt.FRACTION = fraction
+                res = bt.finetune(out, seed, None, 8.0)
+                row[f"val_auc_{fraction:g}"], row[f"test_auc_{fraction:g}"] = res["val_auc"], res["test_auc"]
+            reference.append(row)
+            path.write_text(json.dumps(report, indent=1))
     arms = [(float(lr), int(b)) for b in args.batches.split(",") for lr in args.lrs.split(",")]
     for seed in seeds:
         for lr, batch in arms:
@@ -130,6 +141,11 @@ def main() -> None:
     # only arms run on every seed asked for compete (a half-run arm's mean is over other seeds)
     complete = [a for a, rs in by_arm.items() if {r["seed"] for r in rs} >= set(seeds)] or list(by_arm)
     best = max(complete, key=lambda a: np.mean([r["val_auc_0.1"] for r in by_arm[a]]))
+    ref = [r for r in reference if r["seed"] in seeds]
+    if ref:
+        cell = lambda key: f"{np.mean([r[key] for r in ref]):.3f} ± {bt._sd([r[key] for r in ref]):.3f}"  # noqa: E731
+        lines.append(f"| random init (no pretraining) | - | - | {cell('val_auc_0.1')} | {cell('val_auc_1')} | "
+                     f"{','.join(str(r['seed']) for r in ref)} |")
     for lr, batch in sorted(by_arm, key=lambda a: (a[1], a[0])):
         rs = by_arm[(lr, batch)]
         cell = lambda key: f"{np.mean([r[key] for r in rs]):.3f} ± {bt._sd([r[key] for r in rs]):.3f}"  # noqa: E731

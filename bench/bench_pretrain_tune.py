@@ -72,7 +72,8 @@ def pretrain(out: Path, seed: int, weight: float, dp: bool) -> tuple[Path, float
     return weights, eps, time.perf_counter() - start
 
 
-def finetune(out: Path, seed: int, weights: Path, eps: float | None) -> dict:
+def finetune(out: Path, seed: int, weights: Path | None, eps: float | None) -> dict:
+    """Fine-tune from ``weights`` (None: random init) at ``FRACTION`` of the labels; pooled val and test AUC."""
     from client.site import list_sites
     from server.federation import run_federation
     from simulation.evaluation import load_federation, load_screener
@@ -81,7 +82,7 @@ def finetune(out: Path, seed: int, weights: Path, eps: float | None) -> dict:
     work = out / "cell"
     data = bp._fresh(bp.write_sites(out, seed), work)
     cfg = compose(bp.FEDERATION + bp.MODEL + [f"seed={seed}", f"task.label_fraction={FRACTION}", "model.finetune=all",
-                                              *bp.PRESETS[eps], f"model.pretrained_path={weights}",
+                                              *bp.PRESETS[eps], *([f"model.pretrained_path={weights}"] if weights else []),
                                               f"data_root={data}", f"run_dir={work / 'run'}"])
     folders = list_sites(cfg.data_root)
     start = time.perf_counter()

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from client.ledger import PrivacyLedger
 from client.privacy import SitePrivacy, dp_training, resolve_policy
-from client.pretrain import attach_bank, evaluate_pretrain, pretrain_datasets, run_spend
+from client.pretrain import attach_bank, evaluate_pretrain, pretrain_datasets, pretrain_training, run_spend
 from client.release import release_counts
 from client.local_state import site_local_params
 from client.site import SiteIdentity, resolve_site
@@ -110,6 +110,7 @@ def run_train(
     cfg, site, policy, datasets, screener = _prepare(node_config, job_yaml, weights, run_id)
     privacy = None
     fed = dp_training(cfg.federation, policy) if policy.enabled else cfg.federation
+    fed = pretrain_training(fed, cfg, node_config, policy.enabled)  # a DP pretraining job's own batch and lr
     if policy.enabled:
         privacy = SitePrivacy.open(site.data_dir, policy)
         # raises BudgetSpent (-> an error reply the server logs) before any step is taken

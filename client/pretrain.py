@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from client.privacy import SitePrivacy, epsilon_of
+from client.privacy import NODE_PRIVACY_CONFIG, SitePrivacy, epsilon_of, load_policy_file
 from client.proximal import after_noise
 from client.randomness import site_seed
-from shared.config import ConfigError, FedmskConfig, TaskConfig
+from shared.config import ConfigError, FederationConfig, FedmskConfig, TaskConfig
 from shared.ssl import uses_image_bank
 
 
@@ -180,6 +180,25 @@ def evaluate_pretrain(screener: torch.nn.Module, loader: DataLoader, device: str
         total += float(loss) * image.shape[0]
         seen += image.shape[0]
     return {"loss": total / seen if seen else float("nan"), "num-examples": seen}
+
+
+def pretrain_training(fed: FederationConfig, cfg: FedmskConfig, node_config: dict, dp: bool) -> FederationConfig:
+    """A pretraining job's local-training settings under DP: ``pretrain.dp_batch_size`` / ``dp_lr`` where set.
+
+    Why its own: the privacy presets' batch 32 and lr 0.1 were chosen for fine-tuning's ~20 steps. A pretraining
+    run on a hospital's unlabelled cohort takes many more, and at those settings DP-SGD's noise walked the encoder
+    away (feature maps 30-100,000x, README "Label efficiency of pretraining"); a larger batch at the same epsilon
+    puts less noise on each step's mean gradient. The values in configs/pretrain/*.yaml were chosen under DP on
+    tuning federations (bench/bench_pretrain_lr.py). A site's own policy file that sets ``batch_size`` or ``lr``
+    keeps them (a site's settings win over the run's). Supervised jobs and jobs without DP are unchanged.
+    """
+    p = cfg.pretrain
+    if p.objective == "none" or not dp:
+        return fed
+    own = load_policy_file(str(node_config[NODE_PRIVACY_CONFIG])) if NODE_PRIVACY_CONFIG in node_config else None
+    changes = {k: v for k, v in (("batch_size", p.dp_batch_size), ("lr", p.dp_lr))
+               if v is not None and (own is None or getattr(own, k) is None)}
+    return replace(fed, **changes) if changes else fed
 
 
 def run_spend(privacy: SitePrivacy, run_id: str) -> float:

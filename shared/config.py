@@ -265,6 +265,10 @@ class PretrainConfig:
     # weight of a VICReg variance + covariance term on the encoder's embeddings of the public bank: a public
     # gradient added after DP-SGD's clipping and noise (client.pretrain.PublicVariance); 0: off
     public_variance: float = 0.0
+    # under DP, this job's own DP-SGD batch size and lr in place of the privacy preset's (null: the preset's, which
+    # were chosen for fine-tuning's few steps); a site whose own policy file sets batch_size / lr keeps its own
+    dp_batch_size: int | None = None
+    dp_lr: float | None = None
 
 
 @dataclass

@@ -140,6 +140,9 @@ def _check_pretrain(cfg: FedmskConfig) -> None:
         raise ConfigError(f"config 'pretrain.bank_size' is {cfg.pretrain.bank_size}; the public bank needs at least 2 images")
     if cfg.pretrain.proj_dim < 1 or cfg.pretrain.temperature <= 0 or cfg.pretrain.recon_weight < 0:
         raise ConfigError("config 'pretrain': proj_dim must be >= 1, temperature > 0 and recon_weight >= 0")
+    if any(v is not None and v <= 0 for v in (cfg.pretrain.dp_batch_size, cfg.pretrain.dp_lr)):
+        raise ConfigError(f"config 'pretrain.dp_batch_size' / 'pretrain.dp_lr' are {cfg.pretrain.dp_batch_size} / "
+                          f"{cfg.pretrain.dp_lr}; give values > 0, or null for the privacy preset's")
     if cfg.pretrain.epsilon is not None and cfg.pretrain.epsilon <= 0:
         raise ConfigError(f"config 'pretrain.epsilon' is {cfg.pretrain.epsilon}; give this run's share of a site's "
                           f"budget (> 0), or null for what is left of it")

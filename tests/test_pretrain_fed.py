@@ -179,6 +179,35 @@ def test_a_site_whose_own_policy_turns_dp_on_refuses_in_batch_pretraining(sites:
     assert not PrivacyLedger.load(root / "site_a").rounds  # refused before any step
 
 
+def test_a_dp_pretraining_job_trains_at_its_own_batch_and_lr_unless_the_site_policy_sets_them(sites: Path, tmp_path: Path) -> None:
+    """pretrain.dp_batch_size / dp_lr replace the privacy preset's for a pretraining job under DP, and reach the
+    accountant (the ledger's sample rate); a supervised job, a job without DP and a site's own settings keep theirs."""
+    from client.app import run_train
+    from client.pretrain import pretrain_training
+    from client.privacy import dp_training, load_policy_file
+    from shared.config import to_yaml
+
+    own = ["pretrain.dp_batch_size=16", "pretrain.dp_lr=0.02"]
+    cfg = compose(TINY + ["pretrain=ssl", *DP, *own])
+    dp = pretrain_training(cfg.federation, cfg, {}, dp=True)
+    assert (dp.batch_size, dp.lr) == (16, 0.02) and dp.local_epochs == cfg.federation.local_epochs
+    assert pretrain_training(cfg.federation, cfg, {}, dp=False) == cfg.federation
+    supervised = compose(TINY + DP + own)  # pretrain=none: the fields are there and do nothing
+    assert pretrain_training(supervised.federation, supervised, {}, dp=True) == supervised.federation
+    policy = tmp_path / "privacy.yaml"
+    policy.write_text("enabled: true\ntarget_epsilon: 8.0\ndelta: 1.0e-5\nmax_grad_norm: 1.0\naccountant: rdp\nbatch_size: 4\n")
+    site_fed = dp_training(cfg.federation, load_policy_file(policy))  # what run_train hands on: the site's batch 4
+    mixed = pretrain_training(site_fed, cfg, {"privacy-config": str(policy)}, dp=True)
+    assert (mixed.batch_size, mixed.lr) == (4, 0.02)  # the site's batch stays, the lr is the job's
+
+    root = _copy(sites, tmp_path / "sites")
+    job = compose(TINY + ["pretrain=ssl", *DP, *own, f"data_root={root}"])
+    run_train({"partition-id": 0}, to_yaml(job), build_screener(job).state_dict(), 1, "pre")
+    n_train = len(pretrain_datasets(str(root / "site_a"), job, job.seed, private=True)["train"])
+    plan = PrivacyLedger.load(root / "site_a").plans["pre"]
+    assert n_train > 16 and plan.sample_rate == 1 / math.ceil(n_train / 16)  # not the preset's batch of 8
+
+
 # ---------------------------------------------------------------------------- unlabelled patients
 def test_pretraining_uses_the_unlabelled_patients_supervised_training_ignores(sites: Path) -> None:
     cfg = compose(TINY + [f"data_root={sites}", "pretrain=ssl"])
