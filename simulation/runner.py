@@ -26,6 +26,17 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 # simulation.ray_preload) before the driver imports torch, Flower and the ServerApp (in _simulate).
 
 
+def warn_inflated_encoder(cfg: FedmskConfig, console: Console) -> None:
+    """Say so before training when ``model.pretrained_path``'s card flags the encoder's feature scale
+    (shared.ssl.feature_scale: DP pretraining noise inflated it, and the fine-tune may start saturated)."""
+    from shared.provenance import provenance
+
+    card = provenance(cfg.model.pretrained_path) or {}
+    warning = (card.get("feature_scale") or {}).get("warning")
+    if warning:
+        console.print(f"[yellow]warning[/]: {cfg.model.pretrained_path}: {warning}")
+
+
 def backend_config(cfg: FedmskConfig) -> dict:
     """Ray resources per simulated site: 1 CPU each lets two sites train at once on 2 cores
     (Flower's default of 2 CPUs a site would run them one at a time).
@@ -281,6 +292,7 @@ def _simulate(cfg: FedmskConfig, sites: list[Path], console: Console) -> dict:
         f"[bold]fedmsk simulate[/]: {len(sites)} sites ({', '.join(s.name for s in sites)}), "
         f"model {cfg.model.name}, {cfg.rounds} rounds x {cfg.federation.local_epochs} local epochs -> {run_dir}"
     )
+    warn_inflated_encoder(cfg, console)
 
     def on_finish(arrays, recorder):  # extras only: a failing one is skipped and named, the run folder is written
         def pooled() -> dict:

@@ -356,6 +356,28 @@ def test_the_scale_check_flags_an_encoder_whose_activations_grew_and_passes_one_
         feature_scale(cfg, init | {"image.not_a_layer.weight": torch.zeros(1)})
 
 
+def test_a_fine_tune_from_a_flagged_encoder_says_so_before_training(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from simulation.runner import warn_inflated_encoder
+
+    cfg = compose(SMALL + ["pretrain=ssl"])
+    init = {f"image.{k}": v for k, v in build_screener(cfg).net.image.state_dict().items()}
+    said = {}
+    for name, state in (("kept", init), ("grown", {k: v * 20 if v.dim() > 1 else v for k, v in init.items()})):
+        folder = tmp_path / name
+        folder.mkdir()
+        torch.save(state, folder / "encoder.pt")
+        (folder / "encoder_card.json").write_text(json.dumps({"feature_scale": feature_scale(cfg, state)}))
+        console = Console(record=True, width=400)
+        warn_inflated_encoder(compose(SMALL + [f"model.pretrained_path={folder / 'encoder.pt'}"]), console)
+        said[name] = console.export_text()
+    assert said["kept"] == "" and "grown" in said["grown"] and "grew" in said["grown"]
+    console = Console(record=True)
+    warn_inflated_encoder(compose(SMALL), console)  # random init: nothing to say
+    assert console.export_text() == ""
+
+
 def test_an_encoder_file_that_does_not_fit_stops_the_run_naming_the_file(tmp_path: Path) -> None:
     wide = build_screener(compose(SMALL + ["model.width=8", "pretrain=ssl"])).net.encoders()["image"].state_dict()
     path = tmp_path / "wide_encoder.pt"
