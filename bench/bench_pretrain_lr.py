@@ -8,9 +8,9 @@ fusion reads grow 30-100,000x while the objective, which reads a normalised embe
 Fine-tuning then starts from saturated logits.
 
 For each tuning seed (default 100, 101; never the label-efficiency grid's 0, 1, 2) and each lr it pretrains
-``pretrain=ssl`` under the eps 4 preset with ``privacy.lr=LR`` exactly as bench/bench_pretrain.py's ``ssl``
-arm does, records the largest activation of ``image.features`` on one test batch (random init: about 3),
-then fine-tunes under ``privacy=eps8`` at 10 % and at 100 % of the labels and scores the pooled
+``pretrain=ssl`` (``--objective crossmodal``: that preset) under the eps 4 preset with ``privacy.lr=LR``
+exactly as bench/bench_pretrain.py's ``ssl`` arm does, records the largest activation of ``image.features``
+on one test batch (random init: about 3), then fine-tunes under ``privacy=eps8`` at 10 % and at 100 % of the labels and scores the pooled
 **validation** patients (test beside, not used). The chosen lr is the one with the best mean validation AUC
 at 10 % labels (the grid's question), chosen with DP on. The same fine-tunes from random init, on the same
 seeds, are the table's reference row (``random_init`` in the JSON): what pretraining has to beat.
@@ -63,14 +63,14 @@ def feature_scale(weights: Path, sites: Path, seed: int) -> float:
     return seen["max"]
 
 
-def pretrain(out: Path, seed: int, lr: float, batch: int) -> tuple[Path, float]:
+def pretrain(out: Path, seed: int, lr: float, batch: int, objective: str = "ssl") -> tuple[Path, float]:
     from client.site import list_sites
     from simulation.pretrain_fed import run_federated_pretrain
     from tests.inprocess_grid import InProcessGrid
 
     work = out / (f"lr{lr:g}-seed{seed}" if batch == PRESET_BATCH else f"lr{lr:g}-b{batch}-seed{seed}")
     data = bp._fresh(bp.write_sites(out, seed), work / "data")
-    cfg = compose(bp.FEDERATION + bp.MODEL + bp.PRETRAIN_ROUNDS + ["pretrain=ssl", f"seed={seed}", f"data_root={data}",
+    cfg = compose(bp.FEDERATION + bp.MODEL + bp.PRETRAIN_ROUNDS + [f"pretrain={objective}", f"seed={seed}", f"data_root={data}",
                                                                    f"run_dir={work / 'run'}", *bp.PRETRAIN_DP, f"privacy.lr={lr}",
                                                                    f"privacy.batch_size={batch}"])
     folders = list_sites(cfg.data_root)
@@ -87,6 +87,7 @@ def main() -> None:
                     help="DP-SGD batch sizes for pretraining (the same epsilon: a larger batch gets more noise per step, "
                          "less per patient)")
     ap.add_argument("--seeds", default="100,101")
+    ap.add_argument("--objective", default="ssl", choices=["ssl", "crossmodal"], help="the pretraining preset (pretrain=...)")
     ap.add_argument("--unlabelled", type=int, default=4, metavar="K", help="bench_pretrain.py --unlabelled (0: none)")
     ap.add_argument("--json", default=None, help="default bench/results/bench_pretrain_lr[_unlabelled-K].json")
     args = ap.parse_args()
@@ -96,13 +97,14 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     if bt.GRID_SEEDS & set(seeds):
         raise SystemExit(f"--seeds {args.seeds}: seeds {sorted(bt.GRID_SEEDS)} are the label-efficiency grid's; tune elsewhere")
-    stem = "bench_pretrain_lr" + (bp.set_unlabelled(args.unlabelled) if args.unlabelled else "")
+    stem = ("bench_pretrain_lr" + ("" if args.objective == "ssl" else f"_{args.objective}")
+            + (bp.set_unlabelled(args.unlabelled) if args.unlabelled else ""))
     path = Path(args.json or RESULTS / f"{stem}.json")
     report = json.loads(path.read_text()) if path.exists() else {}
     runs = report.setdefault("runs", [])
     report.update(machine={"platform": platform.platform(), "torch": torch.__version__, "threads": 1},
                   federation=bp.FEDERATION + bp.MODEL, unlabelled_per_labelled=args.unlabelled,
-                  protocol=f"pretrain=ssl under {bp.PRETRAIN_DP[0]} with privacy.lr=LR; fine-tune model.finetune=all under "
+                  protocol=f"pretrain={args.objective} under {bp.PRETRAIN_DP[0]} with privacy.lr=LR; fine-tune model.finetune=all under "
                            "privacy=eps8 at 10 % and 100 % labels; chosen by pooled val AUC at 10 %")
     out = Path(f"runs/{stem}").resolve()
     for r in runs:
@@ -122,7 +124,7 @@ def main() -> None:
         for lr, batch in arms:
             if any((r["lr"], r["batch"], r["seed"]) == (lr, batch, seed) for r in runs):
                 continue
-            weights, seconds = pretrain(out, seed, lr, batch)
+            weights, seconds = pretrain(out, seed, lr, batch, args.objective)
             row = {"lr": lr, "batch": batch, "seed": seed, "pretrain_seconds": seconds,
                    "feature_max": feature_scale(weights, bp.write_sites(out, seed), seed)}
             for fraction in (0.1, 1.0):

@@ -383,6 +383,7 @@ def feature_scale(cfg: FedmskConfig, encoders: dict[str, torch.Tensor]) -> dict:
     if ratio > SCALE_WARN:
         out["warning"] = (f"the image encoder's largest activation grew {ratio:.0f}x over pretraining ({init:.3g} -> "
                           f"{final:.3g}): DP-SGD's noise has inflated weights no normalisation bounds, and a model "
-                          f"fine-tuned from these weights may start saturated. Pretrain again at a lower lr "
-                          f"(privacy.lr=0.01 kept the scale at DP: README 'Label efficiency of pretraining')")
+                          f"fine-tuned from these weights may start saturated. Pretrain again with a larger DP batch or a lower "
+                          f"lr (pretrain.dp_batch_size=256 or pretrain.dp_lr=0.01 kept the scale under DP: README "
+                          f"'Label efficiency of pretraining')")
     return out

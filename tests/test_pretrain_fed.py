@@ -351,7 +351,7 @@ def test_the_scale_check_flags_an_encoder_whose_activations_grew_and_passes_one_
     grown = {k: v * 20 if v.dim() > 1 else v for k, v in init.items()}  # every convolution and linear layer x20
     flagged = feature_scale(cfg, grown)
     assert flagged["init"] == same["init"] and flagged["ratio"] > SCALE_WARN
-    assert "grew" in flagged["warning"] and "privacy.lr" in flagged["warning"]
+    assert "grew" in flagged["warning"] and "pretrain.dp_batch_size" in flagged["warning"]
     with pytest.raises(ValueError, match="do not fit"):
         feature_scale(cfg, init | {"image.not_a_layer.weight": torch.zeros(1)})
 
