@@ -103,6 +103,28 @@ class GhostCriterion(nn.Module):
         return torch.stack([self.criterion(row, labels[i : i + 1])[0] for i, row in enumerate(rows)])
 
 
+def prime_empty_batches(loader: DataLoader) -> None:
+    """Tell Opacus' Poisson loader what an empty batch of this dataset looks like before it draws one.
+
+    Poisson sampling draws an empty batch now and then (with probability about e^-batch for the
+    first), and DP-SGD must still take its noisy, accounted step on it. Opacus' ``CollateFnWithEmpty``
+    learns the empty batch's structure from the first non-empty batch; when the very first batch of
+    a loader is empty it builds one from ``for x in dataset[0]`` instead, which for fedmsk's dict
+    items iterates the keys and stops the round (``TypeError: zeros(): argument 'dtype' must be
+    torch.dtype, not type``; at a site's batch 4, about one round in 55). Opacus has no option for
+    dict items, so the wrapper's template is set here: one item collated (the structure Opacus itself
+    reads from ``dataset[0]``) and cut to zero patients, so no patient's values stay in it.
+    """
+    from opacus.data_loader import CollateFnWithEmpty
+    from torch.utils.data._utils.collate import default_collate
+
+    collate = loader.collate_fn
+    if not isinstance(collate, CollateFnWithEmpty) or collate.first_batch is not None:
+        return
+    one = (collate.wrapped_collator_fn or default_collate)([loader.dataset[0]])
+    collate.first_batch = collate._make_empty_batch(one)  # its shapes and dtypes, batch dimension 0
+
+
 class BudgetSpent(RuntimeError):
     """The site declines to train: the next round would take it past its privacy budget.
 
@@ -329,6 +351,7 @@ class SitePrivacy:
             grad_sample_mode=GRAD_SAMPLE_MODE,
             noise_generator=site_generator("noise", run_id, rnd, device=device),
         )
+        prime_empty_batches(loader)
         if abs(1.0 / len(loader) - self._plan.sample_rate) > 1e-12:
             raise RuntimeError(f"loader has {len(loader)} batches; the plan assumed sample rate {self._plan.sample_rate}")
         if self._batch_size > MAX_PHYSICAL_BATCH:

@@ -127,6 +127,30 @@ def test_reported_epsilon_is_the_accountants_for_the_steps_taken(tmp_path: Path)
     assert all(torch.isfinite(p).all() for p in screener.parameters())
 
 
+def test_a_round_whose_first_poisson_batch_is_empty_takes_its_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Poisson sampling can draw no patient for a loader's very first batch (about e^-batch); Opacus then
+    builds the empty batch from ``dataset[0]``, which for dict items stopped the round with a TypeError
+    (CI, a site at batch 4). The round goes on: the empty batch takes its noisy step, all steps counted."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    drawn = UniformWithReplacementSampler.__iter__
+
+    def first_empty(self):
+        batches = drawn(self)
+        next(batches)
+        yield []  # the first draw holds nobody
+        yield from batches
+
+    monkeypatch.setattr(UniformWithReplacementSampler, "__iter__", first_empty)
+    policy = PrivacyConfig(enabled=True, target_epsilon=6.0, delta=1e-5, accountant="rdp")
+    before = [p.detach().clone() for p in build_screener(small_cfg("prototype", dp=True)).parameters()]
+    privacy, result, metrics, screener = private_round(tmp_path, policy, "r", 1, planned_rounds=2)
+    assert result.steps == 3 and privacy.ledger.steps_taken() == 3  # the empty batch's step is taken and accounted
+    assert all(torch.isfinite(p).all() for p in screener.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, screener.parameters()))  # noise reached the weights
+    assert metrics["epsilon"] > 0
+
+
 def test_noise_is_calibrated_for_the_whole_planned_schedule(trained_site: Path) -> None:
     ledger = PrivacyLedger.load(trained_site)
     plan = ledger.plans["run-a"]
