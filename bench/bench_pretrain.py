@@ -21,10 +21,10 @@ fine-tuned, 100 % labels, same DP setting).
 
     python bench/bench_pretrain.py [--arms random,public,ssl,crossmodal] [--finetune all,heads]
         [--fractions 0.1,0.25,1] [--epsilons none,8] [--seeds 0,1,2] [--out runs/bench-pretrain]
-        [--task sarcopenia|osteoporosis_chest|osteoporosis_hand] [--mix image:1.5:0.7] [--unlabelled K] [--repeats R]
+        [--task sarcopenia|osteoporosis_chest|osteoporosis_hand|vertebral_fracture_binary] [--mix image:1.5:0.7] [--unlabelled K] [--repeats R]
 
 ``--task`` writes that task's synthetic federation (simulation.generators) and trains its model (TASKS:
-wavelet_fusion for the chest task, segclass for the hand task; JSON bench/results/bench_pretrain_<task>.json).
+wavelet_fusion for the chest task, segclass for the hand task, fracture3d on CT; JSON bench/results/bench_pretrain_<task>.json).
 ``--mix NAME:IMAGE:CLINICAL`` runs the grid on another generator mix (``synth.image_signal`` /
 ``synth.clinical_signal``, as bench/bench_quality.py's mixes; the public hospitals follow the same mix), into
 bench/results/bench_pretrain[_<task>]_mix-<NAME>.json; without it the generator's defaults (1:1).
@@ -67,7 +67,12 @@ MODEL = ["model=mmcl", "model.aux_loss=prototype"]  # the DP presets' aux loss i
 # --task: the task and its model, with the DP presets' per-sample aux loss in every cell (segclass: its segmentation loss)
 TASKS = {"sarcopenia": ([], ["model=mmcl", "model.aux_loss=prototype"]),
          "osteoporosis_chest": (["task=osteoporosis_chest"], ["model=wavelet_fusion", "model.aux_loss=prototype"]),
-         "osteoporosis_hand": (["task=osteoporosis_hand"], ["model=segclass"])}
+         "osteoporosis_hand": (["task=osteoporosis_hand"], ["model=segclass"]),
+         # CT, screening (Genant grade >= 1): the task's 32^3 box, fracture-enriched sites as in bench_ct --quality,
+         # fewer patients than the 2D grids (3D steps cost ~10x); SupCon is in-batch, so the prototype aux everywhere
+         "vertebral_fracture_binary": (["task=vertebral_fracture_binary", "task.image_size=[32,32,32]",
+                                        "synth.patients_per_site=[120,100,80]", "synth.prevalence=[0.5,0.45,0.55]"],
+                                       ["model=fracture3d", "model.aux_loss=prototype"])}
 
 
 def set_mix(mix: str) -> str:
@@ -95,7 +100,8 @@ def set_unlabelled(k: int) -> str:
 def set_task(name: str) -> None:
     """Point the grid at another task (its synthetic generator, its model); sarcopenia is the default."""
     task, model = TASKS[name]
-    FEDERATION[:] = [o for o in FEDERATION if not o.startswith("task=")] + task
+    keys = {o.split("=", 1)[0] for o in task}
+    FEDERATION[:] = [o for o in FEDERATION if o.split("=", 1)[0] not in keys] + task
     MODEL[:] = model
 
 
