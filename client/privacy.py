@@ -116,12 +116,11 @@ def prime_empty_batches(loader: DataLoader) -> None:
     reads from ``dataset[0]``) and cut to zero patients, so no patient's values stay in it.
     """
     from opacus.data_loader import CollateFnWithEmpty
-    from torch.utils.data._utils.collate import default_collate
 
     collate = loader.collate_fn
-    if not isinstance(collate, CollateFnWithEmpty) or collate.first_batch is not None:
+    if not isinstance(collate, CollateFnWithEmpty) or collate.wrapped_collator_fn is None or collate.first_batch is not None:
         return
-    one = (collate.wrapped_collator_fn or default_collate)([loader.dataset[0]])
+    one = collate.wrapped_collator_fn([loader.dataset[0]])
     collate.first_batch = collate._make_empty_batch(one)  # its shapes and dtypes, batch dimension 0
 
 
